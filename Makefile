@@ -1,0 +1,37 @@
+# Everything runs inside .venv, which `make setup` creates (tools/install.sh: torch, mmcv built with ops, densevision).
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/data
+STAMP := $(VENV)/.densevision-ready
+
+.PHONY: setup demo test test-slow lint format typecheck clean
+
+$(STAMP): pyproject.toml tools/install.sh
+	bash tools/install.sh
+	touch $@
+
+setup: $(STAMP)
+
+# The main job (until the demo lands): describe a real slide and a real GeoTIFF.
+demo: setup
+	$(BIN)/densevision info $(DATA)/wsi/CMU-1-Small-Region.svs $(DATA)/geotiff/RGB.byte.tif
+
+lint: setup
+	$(BIN)/ruff check densevision tests tools benchmarks
+	$(BIN)/ruff format --check densevision tests tools benchmarks
+
+typecheck: setup
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest
+
+test-slow: setup
+	$(BIN)/pytest -m slow
+
+format: setup
+	$(BIN)/ruff format densevision tests tools benchmarks
+	$(BIN)/ruff check --fix densevision tests tools benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

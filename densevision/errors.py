@@ -1,0 +1,58 @@
+"""Typed errors. Every message says what was wrong and what to do; the CLI prints it on one line and exits 2.
+
+Each error also derives from the matching builtin where one exists, so ``except FileNotFoundError`` still works.
+"""
+
+from __future__ import annotations
+
+
+class DenseVisionError(Exception):
+    """Base class of every error densevision raises for bad input, usage or files."""
+
+
+class ImageNotFoundError(DenseVisionError, FileNotFoundError):
+    """The input path does not exist."""
+
+
+class NotAFileError(DenseVisionError, IsADirectoryError):
+    """The input path is a directory or another non-regular file."""
+
+
+class EmptyFileError(DenseVisionError, ValueError):
+    """The input file has zero bytes."""
+
+
+class UnsupportedFormatError(DenseVisionError, ValueError):
+    """No backend (OpenSlide, GDAL/rasterio, Pillow) recognises the file."""
+
+
+class CorruptImageError(DenseVisionError, ValueError):
+    """The file is recognised but its pixel data cannot be decoded (truncated, bad compression, ...)."""
+
+
+class ImageTooLargeError(DenseVisionError, ValueError):
+    """A plain (non-tiled) image declares more pixels than may be decoded at once."""
+
+
+class InvalidRegionError(DenseVisionError, ValueError):
+    """A requested window, level or resolution does not exist in the image."""
+
+
+class MissingResolutionError(DenseVisionError, ValueError):
+    """The image has no trustworthy physical resolution and the run needs one."""
+
+
+class CheckpointError(DenseVisionError, ValueError):
+    """A checkpoint file is missing, unreadable, or does not fit the model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint would need objects outside the allow-list to unpickle (possibly code execution)."""
+
+
+class ConfigError(DenseVisionError, ValueError):
+    """A model or run configuration is invalid."""
+
+
+class OutputError(DenseVisionError, OSError):
+    """An output location cannot be written."""

@@ -1,0 +1,75 @@
+"""``open_image``: choose the reader by the file's content, not its extension."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import openslide
+import tifffile
+
+from densevision.errors import (
+    EmptyFileError,
+    ImageNotFoundError,
+    NotAFileError,
+    UnsupportedFormatError,
+)
+from densevision.io.plain import DEFAULT_MAX_PIXELS, PlainImageSource
+from densevision.io.raster import RasterSource
+from densevision.io.slide import OpenSlideSource
+from densevision.io.source import ImageSource
+
+# ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory.
+_GEOTIFF_TAGS = (33550, 33922, 34264, 34735)
+_PILLOW_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"GIF8")
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _is_geotiff(path: Path) -> bool:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages.first.tags
+            return any(code in tags for code in _GEOTIFF_TAGS)
+    except Exception:  # not a TIFF tifffile can parse: let the other backends decide
+        return False
+
+
+def open_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageSource:
+    """Open a slide, raster or plain image for windowed reading.
+
+    Georeferenced TIFFs go to rasterio (CRS, transform, nodata, overviews); formats OpenSlide recognises go to
+    OpenSlide (levels, mpp); PNG/JPEG/BMP/GIF and untiled TIFFs go to Pillow, refused above ``max_pixels``;
+    anything else GDAL can open goes to rasterio.
+
+    Raises:
+        ImageNotFoundError, NotAFileError, EmptyFileError, UnsupportedFormatError, CorruptImageError,
+        ImageTooLargeError: each with the file named and what to do.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageNotFoundError(f"{p}: no such file; check the path")
+    if not p.is_file():
+        raise NotAFileError(f"{p}: is a directory or special file, not an image; pass the image file itself")
+    if p.stat().st_size == 0:
+        raise EmptyFileError(f"{p}: the file is empty (0 bytes); re-copy or re-export it")
+    with open(p, "rb") as f:
+        magic = f.read(8)
+
+    is_tiff = magic.startswith(_TIFF_MAGIC)
+    if is_tiff and _is_geotiff(p):
+        return RasterSource(p)
+    try:
+        vendor = openslide.OpenSlide.detect_format(p)
+    except openslide.OpenSlideError:
+        vendor = None
+    if vendor is not None:
+        return OpenSlideSource(p)
+    if magic.startswith(_PILLOW_MAGIC) or is_tiff:
+        return PlainImageSource(p, max_pixels=max_pixels)
+    try:
+        return RasterSource(p)
+    except UnsupportedFormatError:
+        raise UnsupportedFormatError(
+            f"{p}: not a recognised slide, raster or image (OpenSlide, GDAL and Pillow all refuse it); "
+            "check that the file is complete and of a supported format"
+        ) from None

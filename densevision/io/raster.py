@@ -1,0 +1,87 @@
+"""Georeferenced rasters through rasterio/GDAL (GeoTIFF, COG, JP2, ...); overviews are exposed as levels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import ColorInterp
+from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.windows import Window
+
+from densevision.errors import CorruptImageError, UnsupportedFormatError
+from densevision.io.source import ImageFacts, ImageSource, Region, clip_window
+
+
+class RasterSource(ImageSource):
+    def __init__(self, path: Path) -> None:
+        try:
+            ds = rasterio.open(path)
+        except RasterioIOError as e:
+            raise UnsupportedFormatError(f"{path}: GDAL cannot open this file ({e})") from e
+        self._levels: dict[int, rasterio.DatasetReader] = {0: ds}
+        interp = ds.colorinterp
+        # Alpha bands describe validity, not content: they go to the mask, not to the model.
+        self._bands = [i + 1 for i, ci in enumerate(interp) if ci != ColorInterp.alpha]
+        factors = ds.overviews(1) if ds.count else []
+        dims = [(ds.width, ds.height)]
+        for i in range(len(factors)):
+            with rasterio.open(path, overview_level=i) as ov:
+                dims.append((ov.width, ov.height))
+        notes = []
+        if ds.crs is None:
+            notes.append("no CRS: outputs are in pixel coordinates")
+        if not ds.transform.is_rectilinear:
+            notes.append("rotated or sheared transform: outputs keep it, but GeoJSON boxes become rotated polygons")
+        super().__init__(
+            path,
+            ImageFacts(
+                backend="rasterio",
+                format=ds.driver,
+                level_dimensions=tuple(dims),
+                level_downsamples=tuple(ds.width / w for w, _ in dims),
+                band_count=len(self._bands),
+                dtype=np.dtype(ds.dtypes[self._bands[0] - 1]) if self._bands else np.dtype(np.uint8),
+                crs=ds.crs,
+                transform=ds.transform,
+                nodata=ds.nodata,
+                band_names=tuple(interp[b - 1].name for b in self._bands),
+                notes=tuple(notes),
+            ),
+        )
+
+    def _dataset(self, level: int) -> rasterio.DatasetReader:
+        if level not in self._levels:
+            self._levels[level] = rasterio.open(self.path, overview_level=level - 1)
+        return self._levels[level]
+
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Region:
+        ds = self._dataset(level)
+        ds_ = self.level_downsamples[level]
+        x0, y0 = round(location[0] / ds_), round(location[1] / ds_)
+        w, h = size
+        pixels = np.zeros((h, w, self.band_count), dtype=self.dtype)
+        valid = np.zeros((h, w), dtype=bool)
+        # Intersect with the image instead of a boundless read: GDAL silently shortens edge windows.
+        clip = clip_window(x0, y0, w, h, ds.width, ds.height)
+        if clip is None:
+            return Region(pixels, valid)
+        (rows, cols), dst = clip
+        win = Window.from_slices(rows, cols)
+        try:
+            data = ds.read(self._bands, window=win) if self._bands else None
+            mask = ds.dataset_mask(window=win)
+        except RasterioError as e:
+            raise CorruptImageError(
+                f"{self.path}: cannot decode the window at {location} (level {level}, size {size}): {e}"
+            ) from e
+        if data is not None:
+            pixels[dst] = np.moveaxis(data, 0, -1)
+        valid[dst] = mask > 0
+        return Region(pixels, valid)
+
+    def close(self) -> None:
+        for ds in self._levels.values():
+            ds.close()
+        self._levels.clear()
