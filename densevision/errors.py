@@ -26,6 +26,10 @@ class UnsupportedFormatError(DenseVisionError, ValueError):
     """No backend (OpenSlide, GDAL/rasterio, Pillow) recognises the file."""
 
 
+class UnsupportedCompressionError(UnsupportedFormatError):
+    """The file's container is recognised but its pixel compression is not supported by the backend."""
+
+
 class CorruptImageError(DenseVisionError, ValueError):
     """The file is recognised but its pixel data cannot be decoded (truncated, bad compression, ...)."""
 

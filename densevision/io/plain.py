@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 from densevision.errors import CorruptImageError, ImageTooLargeError, UnsupportedFormatError
 from densevision.io.source import ImageFacts, ImageSource, Region, clip_window
@@ -15,8 +15,32 @@ from densevision.io.source import ImageFacts, ImageSource, Region, clip_window
 DEFAULT_MAX_PIXELS = 2**28
 
 
+def _declared_tiff_bytes(path: Path) -> tuple[int, int, int, int] | None:
+    """``(width, height, samples per pixel, decoded bytes)`` that the first TIFF directory declares, read from
+    the tags alone (nothing decoded), or None when the directory cannot be parsed."""
+    try:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(f.read(8))
+            f.seek(ifd.next)
+            ifd.load(f)
+            w, h, spp = int(ifd[256]), int(ifd[257]), int(ifd.get(277, 1))
+            bits = max(ifd.get(258, (8,)))
+    except Exception:  # unparseable header: Pillow will say so below
+        return None
+    return w, h, spp, w * h * spp * bits // 8
+
+
 class PlainImageSource(ImageSource):
     def __init__(self, path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        declared = _declared_tiff_bytes(path)
+        # 8 bytes per pixel covers RGBA uint16; more than that is a corrupt or hostile header.
+        if declared is not None and declared[3] > 8 * max_pixels:
+            w, h, spp, nbytes = declared
+            raise ImageTooLargeError(
+                f"{path}: declares {w} x {h} pixels with {spp} samples each ({nbytes / 2**30:.1f} GiB decoded), "
+                "beyond what a plain image may use; the header is corrupt, or convert the image to a tiled pyramid"
+            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)

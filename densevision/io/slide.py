@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import openslide
 
-from densevision.errors import CorruptImageError, UnsupportedFormatError
+from densevision.errors import CorruptImageError, UnsupportedCompressionError, UnsupportedFormatError
 from densevision.io.source import ImageFacts, ImageSource, Region
 
 # Microscopy scans lie between about 0.05 um/px (100x oil) and ~50 um/px (macro images). A value outside
@@ -37,7 +37,12 @@ class OpenSlideSource(ImageSource):
         except openslide.OpenSlideUnsupportedFormatError as e:
             raise UnsupportedFormatError(f"{path}: OpenSlide does not support this file ({e})") from e
         except openslide.OpenSlideError as e:
-            raise CorruptImageError(f"{path}: OpenSlide cannot read this slide: {e}") from e
+            if "compression" in str(e).lower():
+                raise UnsupportedCompressionError(
+                    f"{path}: {e}; re-encode it as a tiled pyramidal TIFF with JPEG, LZW or deflate tiles "
+                    "(e.g. vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg)"
+                ) from e
+            raise CorruptImageError(f"{path}: OpenSlide cannot read this slide ({e}); the file may be damaged") from e
         props = self._slide.properties
         mpp, note = _mpp(props)
         notes = [note] if note else []
