@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.enums import ColorInterp
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
-from densevision.errors import CorruptImageError, UnsupportedFormatError
-from densevision.io.source import ImageFacts, ImageSource, Region, clip_window
+from densevision.errors import CorruptImageError, InvalidRegionError, UnsupportedFormatError
+from densevision.io.source import ImageFacts, ImageSource, Region, Thumbnail, clip_window
 
 
 class RasterSource(ImageSource):
@@ -80,6 +80,19 @@ class RasterSource(ImageSource):
             pixels[dst] = np.moveaxis(data, 0, -1)
         valid[dst] = mask > 0
         return Region(pixels, valid)
+
+    def thumbnail(self, max_size: int = 1024) -> Thumbnail:
+        """GDAL's decimated read: uses overviews when present, streams the full image otherwise."""
+        if max_size < 1:
+            raise InvalidRegionError(f"{self.path}: thumbnail size must be positive, got {max_size}")
+        ds = self._levels[0]
+        W, H = self.size
+        scale = max(1.0, max(W, H) / max_size)
+        w, h = max(1, round(W / scale)), max(1, round(H / scale))
+        resampling = Resampling.average if ds.count else Resampling.nearest
+        data = ds.read(self._bands, out_shape=(len(self._bands), h, w), resampling=resampling)
+        mask = ds.dataset_mask(out_shape=(h, w), resampling=Resampling.nearest)
+        return Thumbnail(np.moveaxis(data, 0, -1), mask > 0, (W / w, H / h))
 
     def close(self) -> None:
         for ds in self._levels.values():

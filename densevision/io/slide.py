@@ -76,9 +76,5 @@ class OpenSlideSource(ImageSource):
             ) from e
         return Region(np.ascontiguousarray(rgba[..., :3]), rgba[..., 3] > 0)
 
-    def thumbnail(self, max_size: int) -> np.ndarray:
-        """An ``H x W x 3`` RGB overview no larger than ``max_size`` on its longer side."""
-        return np.asarray(self._slide.get_thumbnail((max_size, max_size)).convert("RGB"))
-
     def close(self) -> None:
         self._slide.close()

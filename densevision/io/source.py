@@ -24,6 +24,15 @@ class Region(NamedTuple):
     valid: np.ndarray
 
 
+class Thumbnail(NamedTuple):
+    """The whole image at low resolution: ``pixels`` ``h x w x C``, ``valid`` ``h x w``, and the level-0 pixels
+    per thumbnail pixel ``(dx, dy)``."""
+
+    pixels: np.ndarray
+    valid: np.ndarray
+    downsample: tuple[float, float]
+
+
 def clip_window(
     x0: int, y0: int, w: int, h: int, width: int, height: int
 ) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
@@ -130,6 +139,39 @@ class ImageSource(abc.ABC):
 
     @abc.abstractmethod
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Region: ...
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The highest-resolution level whose downsample does not exceed ``downsample`` (at least level 0)."""
+        fits = [i for i, d in enumerate(self.level_downsamples) if d <= downsample * (1 + 1e-6)]
+        return max(fits, default=0)
+
+    def thumbnail(self, max_size: int = 1024) -> Thumbnail:
+        """The whole image at low resolution, no larger than ``max_size`` on its longer side.
+
+        Reads the closest pyramid level at or above the target resolution, then resamples to the target:
+        area averaging for pixels, nearest for validity.
+        """
+        from PIL import Image
+
+        if max_size < 1:
+            raise InvalidRegionError(f"{self.path}: thumbnail size must be positive, got {max_size}")
+        W, H = self.size
+        scale = max(W, H) / max_size
+        out = (max(1, round(W / scale)), max(1, round(H / scale))) if scale > 1 else (W, H)
+        level = self.best_level_for_downsample(max(scale, 1.0))
+        region = self._read((0, 0), level, self.level_dimensions[level])
+        if region.valid.shape[::-1] != out:
+            # Mode "F" (float32) resizes any dtype; BOX is the area average.
+            bands = [
+                np.asarray(Image.fromarray(region.pixels[..., b].astype(np.float32)).resize(out, Image.BOX))
+                for b in range(region.pixels.shape[-1])
+            ]
+            valid = np.asarray(Image.fromarray(region.valid).resize(out, Image.NEAREST))
+            pixels = np.stack(bands, axis=-1)
+            if np.issubdtype(region.pixels.dtype, np.integer):
+                pixels = np.rint(pixels)
+            region = Region(pixels.astype(region.pixels.dtype), valid)
+        return Thumbnail(region.pixels, region.valid, (W / out[0], H / out[1]))
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -1,0 +1,5 @@
+"""Pure geometry and masks for tiling: no I/O, no torch."""
+
+from densevision.tiling.masks import otsu_threshold, saturation, tissue_mask
+
+__all__ = ["otsu_threshold", "saturation", "tissue_mask"]
