@@ -163,10 +163,10 @@ class ImageSource(abc.ABC):
         if region.valid.shape[::-1] != out:
             # Mode "F" (float32) resizes any dtype; BOX is the area average.
             bands = [
-                np.asarray(Image.fromarray(region.pixels[..., b].astype(np.float32)).resize(out, Image.BOX))
+                np.asarray(Image.fromarray(region.pixels[..., b].astype(np.float32)).resize(out, Image.Resampling.BOX))
                 for b in range(region.pixels.shape[-1])
             ]
-            valid = np.asarray(Image.fromarray(region.valid).resize(out, Image.NEAREST))
+            valid = np.asarray(Image.fromarray(region.valid).resize(out, Image.Resampling.NEAREST))
             pixels = np.stack(bands, axis=-1)
             if np.issubdtype(region.pixels.dtype, np.integer):
                 pixels = np.rint(pixels)
