@@ -7,7 +7,8 @@ import pytest
 
 from densevision import open_image
 from densevision.errors import InvalidRegionError
-from densevision.tiling.masks import otsu_threshold, saturation, tissue_mask
+from densevision.tiling.grid import TileGrid
+from densevision.tiling.masks import otsu_threshold, saturation, tiles_with_content, tissue_mask
 
 
 def test_otsu_separates_two_modes():
@@ -67,3 +68,27 @@ def test_thumbnail_uses_a_pyramid_level_and_never_upsamples(data_dir):
         assert src.thumbnail(10_000).pixels.shape == (250, 300, 3)
         with pytest.raises(InvalidRegionError):
             src.thumbnail(0)
+
+
+def test_tiles_with_content_matches_a_brute_force_check():
+    rng = np.random.default_rng(3)
+    mask = rng.random((40, 50)) > 0.97
+    grid = TileGrid(1000, 800, 128, overlap=32)
+    scale = (1000 / 50, 800 / 40)
+    keep = tiles_with_content(grid, mask, scale)
+    full = np.kron(mask, np.ones((20, 20), dtype=bool))  # the mask at grid resolution
+    for t in grid:
+        assert keep[t.index] == full[t.y : t.y + 128, t.x : t.x + 128].any()
+    assert 0 < keep.sum() < len(grid)
+
+
+def test_glass_tiles_of_the_real_slide_are_skipped(data_dir):
+    with open_image(data_dir / "wsi/CMU-1-Small-Region.svs") as src:
+        thumb = src.thumbnail(512)
+        grid = TileGrid(*src.size, 256)
+    keep = tiles_with_content(grid, tissue_mask(thumb.pixels, thumb.valid), thumb.downsample)
+    # 9 x 12 tiles: glass on the left and top right is skipped, the tissue strip down the middle is kept.
+    assert grid.shape == (12, 9)
+    assert 0.25 < 1 - keep.mean() < 0.75
+    kept = keep.reshape(grid.shape)
+    assert not kept[5:10, 0].any() and not kept[:2, 6:].any() and kept[2:, 4].all()

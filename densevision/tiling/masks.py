@@ -5,10 +5,13 @@ Pure functions on arrays; reading the thumbnail is the caller's job (``ImageSour
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
 from scipy import ndimage
+
+from densevision.tiling.grid import TileGrid
 
 # Stained tissue is coloured; glass and the white background are grey (saturation ~0.01 on CMU-1-Small-Region,
 # pale eosin stroma from ~0.1). The default threshold keeps pale tissue, which Otsu (splitting the pink and
@@ -70,3 +73,26 @@ def tissue_mask(
         mask = ndimage.binary_opening(mask, st, iterations=smooth_px)
         mask = ndimage.binary_closing(mask, st, iterations=smooth_px, border_value=0)
     return mask & valid
+
+
+def tiles_with_content(grid: TileGrid, mask: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
+    """For each tile of ``grid`` (row-major), whether its window touches ``mask``.
+
+    Args:
+        mask: ``h x w`` bool content mask (tissue or valid data) at low resolution.
+        scale: grid-level pixels per mask pixel ``(sx, sy)``; a footprint is widened to whole mask pixels.
+    Returns:
+        ``len(grid)`` bool.
+    """
+    sx, sy = scale
+    h, w = mask.shape
+    # A summed-area table answers "any content in this rectangle" in O(1) per tile.
+    sat = np.zeros((h + 1, w + 1), dtype=np.int64)
+    sat[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    keep = np.zeros(len(grid), dtype=bool)
+    for t in grid:
+        x0, y0 = max(0, math.floor(t.x / sx)), max(0, math.floor(t.y / sy))
+        x1, y1 = min(w, math.ceil((t.x + t.width) / sx)), min(h, math.ceil((t.y + t.height) / sy))
+        if x1 > x0 and y1 > y0:
+            keep[t.index] = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0] > 0
+    return keep
