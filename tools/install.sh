@@ -20,8 +20,9 @@ fi
 PY="$VENV/bin/python"
 pip() { "$PY" -m pip --disable-pip-version-check "$@"; }
 
+# torch 2.14 needs setuptools >= 77; mmcv's setup.py imports pkg_resources, which setuptools 81 removed.
 # ninja parallelises the ops build.
-pip install -q "pip>=24" "setuptools>=77" wheel ninja
+pip install -q "pip>=24" "setuptools>=77,<81" wheel ninja
 
 log "installing $TORCH_PINS (several GB the first time, nothing when already there)"
 # shellcheck disable=SC2086
@@ -53,10 +54,8 @@ if ! ls "$WHEEL_DIR"/mmcv-*.whl >/dev/null 2>&1; then
   SRC="$BUILD/mmcv-$MMCV_VERSION"
   # torch >= 2.14 headers refuse anything below C++20; older torch still accepts it.
   sed -i -E 's/-std=c\+\+1[47]/-std=c++20/g' "$SRC/setup.py"
-  # pkg_resources is gone from the setuptools that torch >= 2.14 requires: use the stdlib and packaging.
-  sed -i 's/^from pkg_resources import DistributionNotFound, get_distribution, parse_version$/from importlib.metadata import PackageNotFoundError as DistributionNotFound, distribution as get_distribution\nfrom packaging.version import parse as parse_version/' "$SRC/setup.py"
-  grep -q "std=c++20" "$SRC/setup.py" && ! grep -q "pkg_resources" "$SRC/setup.py" \
-    || { echo "[install] mmcv $MMCV_VERSION setup.py did not take the patches; see tools/install.sh" >&2; exit 1; }
+  grep -q "std=c++20" "$SRC/setup.py" \
+    || { echo "[install] mmcv $MMCV_VERSION setup.py did not take the C++ standard patch; see tools/install.sh" >&2; exit 1; }
   MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
     pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$BUILD/dist" "$SRC"
   mkdir -p "$CACHE/wheels"
