@@ -39,7 +39,7 @@ class ImageTooLargeError(DenseVisionError, ValueError):
 
 
 class InvalidRegionError(DenseVisionError, ValueError):
-    """A requested window, level or resolution does not exist in the image."""
+    """A window, level or resolution does not exist in the image, or does not fit the output being written."""
 
 
 class MissingResolutionError(DenseVisionError, ValueError):

@@ -1,0 +1,216 @@
+"""Tiled, compressed GeoTIFF / Cloud-Optimized GeoTIFF output for rasters, written window by window."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from affine import Affine
+from numpy.typing import DTypeLike
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.windows import Window
+
+from densevision.errors import ConfigError, InvalidRegionError, OutputError
+from densevision.io.writers._atomic import AtomicWriter, remove_quietly, sibling
+
+
+def scale_transform(transform: Affine, downsample: float | tuple[float, float]) -> Affine:
+    """The transform of a level whose pixels each cover ``downsample`` level-0 pixels.
+
+    ``level_transform = transform @ Affine.scale(sx, sy)`` (``@`` is affine 3's spelling of ``*``): the top-left
+    corner of pixel ``(0, 0)`` keeps its CRS position and each pixel grows by ``(sx, sy)``. ``downsample`` may be
+    non-integer; for a level of ``w x h`` pixels cut from a level 0 of ``W x H``, pass ``(W / w, H / h)`` (the two
+    ratios differ when sizes were rounded). A single number scales both axes.
+    """
+    sx, sy = (downsample, downsample) if isinstance(downsample, (int, float)) else downsample
+    if not (sx > 0 and sy > 0):
+        raise ConfigError(f"downsample must be positive, got {downsample!r}")
+    return transform @ Affine.scale(sx, sy)
+
+
+def _default_resampling(dtype: np.dtype) -> str:
+    # Class indices must stay class indices (majority of the 2x2 block); probabilities are averaged.
+    return "average" if np.issubdtype(dtype, np.floating) else "mode"
+
+
+def cast_window(array: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
+    """``array`` as ``dtype``, refusing casts that would change values (float -> int, out-of-range integers)."""
+    if array.dtype == dtype or np.can_cast(array.dtype, dtype, "safe"):
+        return array.astype(dtype, copy=False)
+    if np.issubdtype(array.dtype, np.integer) and np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        if array.size == 0 or (array.min() >= info.min and array.max() <= info.max):
+            return array.astype(dtype)
+        raise InvalidRegionError(
+            f"{where}: values {array.min()}..{array.max()} do not fit the output dtype {dtype}; "
+            "choose a wider dtype for the writer"
+        )
+    if np.issubdtype(array.dtype, np.floating) and np.issubdtype(dtype, np.floating):
+        return array.astype(dtype)
+    raise InvalidRegionError(
+        f"{where}: cannot store {array.dtype} values in a {dtype} output without changing them; "
+        f"convert first (e.g. argmax to class indices) or create the writer with dtype={array.dtype}"
+    )
+
+
+class GeoTiffWriter(AtomicWriter):
+    """A tiled, deflate-compressed GeoTIFF (optionally a COG) of ``width x height`` pixels and ``count`` bands.
+
+    Pixel ``(col, row)`` of the output maps to ``transform * (col, row)`` in ``crs`` (pixel-corner convention, as
+    in rasterio); ``transform`` is the output level's own transform (see :func:`scale_transform`). With
+    ``crs=None`` no CRS is written; with ``transform=None`` no geotransform either.
+
+    Write windows with :meth:`write` in any order; every pixel never written reads as ``nodata`` (0 when None).
+    Memory is bounded by GDAL's block cache: a window is encoded once all the 512 x 512 blocks it touches are
+    complete, so write whole-width bands top to bottom (or block-aligned windows) for a compact file.
+
+    With ``cog=True``, :meth:`close` converts the result to a Cloud-Optimized GeoTIFF with internal overviews
+    (resampling "mode" for integer class maps, "average" for floats unless ``overview_resampling`` says otherwise).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        width: int,
+        height: int,
+        count: int = 1,
+        dtype: DTypeLike = np.uint8,
+        *,
+        crs: Any = None,
+        transform: Affine | None = None,
+        nodata: float | None = None,
+        colormap: Mapping[int, Sequence[int]] | None = None,
+        band_descriptions: Sequence[str] | None = None,
+        class_names: Mapping[int, str] | Sequence[str] | None = None,
+        tags: Mapping[str, str] | None = None,
+        block_size: int = 512,
+        compression_level: int = 6,
+        cog: bool = False,
+        overview_resampling: str | None = None,
+    ) -> None:
+        """
+        Args:
+            crs: anything rasterio accepts (``CRS``, ``"EPSG:32618"``, WKT), or None for no CRS.
+            colormap: ``{class index: (r, g, b[, a])}`` for a single-band uint8/uint16 class map.
+            band_descriptions: one name per band (e.g. class names of a probability stack).
+            class_names: ``{index: name}`` or a list; stored as the JSON dataset tag ``CLASS_NAMES``.
+            tags: extra dataset metadata (``key=value`` strings).
+            block_size: tile edge in pixels, a multiple of 16.
+        """
+        self.width, self.height, self.count = int(width), int(height), int(count)
+        self.dtype = np.dtype(dtype)
+        if self.width <= 0 or self.height <= 0 or self.count <= 0:
+            raise ConfigError(f"output size must be positive, got {width} x {height} x {count} bands")
+        if block_size <= 0 or block_size % 16:
+            raise ConfigError(f"block_size must be a positive multiple of 16 (TIFF tiles), got {block_size}")
+        if colormap is not None and (self.count != 1 or self.dtype not in (np.uint8, np.uint16)):
+            raise ConfigError(
+                f"a colormap needs a single-band uint8 or uint16 class map, not {self.count} band(s) of {self.dtype}"
+            )
+        if band_descriptions is not None and len(band_descriptions) != self.count:
+            raise ConfigError(f"got {len(band_descriptions)} band descriptions for {self.count} bands; give one each")
+        super().__init__(path)
+        self.crs = crs
+        self.transform = transform
+        self.nodata = nodata
+        self.cog = cog
+        self.block_size = block_size
+        self.compression_level = compression_level
+        self.overview_resampling = overview_resampling or _default_resampling(self.dtype)
+        self._cog_partial = sibling(self.path, ".cog.partial")
+        profile: dict[str, Any] = {
+            "driver": "GTiff",
+            "width": self.width,
+            "height": self.height,
+            "count": self.count,
+            "dtype": self.dtype.name,
+            "tiled": True,
+            "blockxsize": block_size,
+            "blockysize": block_size,
+            "compress": "deflate",
+            # The COG copy re-encodes everything: stage with cheap compression.
+            "zlevel": 1 if cog else compression_level,
+            "predictor": 3 if np.issubdtype(self.dtype, np.floating) else 2,
+            "bigtiff": "IF_SAFER",
+        }
+        if crs is not None:
+            profile["crs"] = crs
+        if transform is not None:
+            profile["transform"] = transform
+        if nodata is not None:
+            profile["nodata"] = nodata
+        try:
+            with warnings.catch_warnings():
+                # transform=None asks for an output without georeferencing: no need to warn about it.
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self._ds = rasterio.open(self.partial, "w", **profile)
+        except RasterioError as e:
+            raise OutputError(f"{self.path}: cannot create the GeoTIFF ({e}); check the path and the options") from e
+        try:
+            if colormap is not None:
+                self._ds.write_colormap(1, {int(k): tuple(int(c) for c in v) for k, v in colormap.items()})
+            for i, desc in enumerate(band_descriptions or (), start=1):
+                self._ds.set_band_description(i, desc)
+            meta = dict(tags or {})
+            if class_names is not None:
+                names = class_names if isinstance(class_names, Mapping) else dict(enumerate(class_names))
+                meta["CLASS_NAMES"] = json.dumps({str(k): v for k, v in names.items()})
+            if meta:
+                self._ds.update_tags(**meta)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, array: np.ndarray, x: int, y: int) -> None:
+        """Write ``array`` (``H x W`` or ``H x W x C`` with ``C == count``) with its top-left at output pixel
+        ``(x, y)``. The window must lie inside the output."""
+        self._check_open()
+        a = np.asarray(array)
+        if a.ndim == 2:
+            a = a[..., None]
+        where = f"{self.path}: window at ({x}, {y})"
+        if a.ndim != 3 or a.shape[2] != self.count:
+            raise InvalidRegionError(
+                f"{where}: expected an H x W x {self.count} (or H x W for one band) array, got shape {array.shape}"
+            )
+        h, w = a.shape[:2]
+        if x < 0 or y < 0 or x + w > self.width or y + h > self.height:
+            raise InvalidRegionError(
+                f"{where} of {w} x {h} pixels leaves the {self.width} x {self.height} output; crop it first"
+            )
+        if h == 0 or w == 0:
+            return
+        a = cast_window(a, self.dtype, where)
+        self._ds.write(np.moveaxis(a, -1, 0), window=Window(x, y, w, h))
+
+    def _finish(self) -> None:
+        self._ds.close()
+        if not self.cog:
+            return
+        try:
+            rasterio.shutil.copy(
+                self.partial,
+                self._cog_partial,
+                driver="COG",
+                BLOCKSIZE=self.block_size,
+                COMPRESS="DEFLATE",
+                LEVEL=self.compression_level,
+                PREDICTOR="YES",
+                RESAMPLING=self.overview_resampling.upper(),
+                BIGTIFF="IF_SAFER",
+            )
+        except RasterioError as e:
+            raise OutputError(f"{self.path}: converting to a Cloud-Optimized GeoTIFF failed: {e}") from e
+        os.replace(self._cog_partial, self.partial)
+
+    def _discard(self) -> None:
+        try:
+            self._ds.close()
+        finally:
+            remove_quietly(self._cog_partial)

@@ -1,0 +1,226 @@
+"""Pyramidal tiled TIFF output for slides (OpenSlide "generic-tiff", QuPath), fed by whole-width bands of rows.
+
+Layout: one top-level IFD per level (level 0 first, then each level halved, until a level fits in one tile), all
+tiled and deflate-compressed, resolution in pixels per centimetre (``ResolutionUnit = CENTIMETER``) so that
+OpenSlide reports ``openslide.mpp-x`` = the level-0 microns per pixel. Not SubIFDs: OpenSlide's generic-tiff reader
+takes successive top-level IFDs as levels.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections.abc import Iterator
+from typing import BinaryIO, Literal
+
+import imagecodecs
+import numpy as np
+import tifffile
+
+from densevision.errors import ConfigError, InvalidRegionError, OutputError
+from densevision.io.writers._atomic import AtomicWriter, remove_quietly, sibling
+from densevision.io.writers.geotiff import cast_window
+
+Downsampling = Literal["mode", "nearest", "mean"]
+
+# Classic TIFF offsets are 32-bit; switch to BigTIFF well before that (tile tables and IFDs add a little).
+_BIGTIFF_ABOVE = 2**32 - 2**26
+
+
+def pyramid_dimensions(width: int, height: int, tile_size: int) -> list[tuple[int, int]]:
+    """Level sizes ``(w, h)``: level 0, then ``ceil(w / 2), ceil(h / 2)`` per level until one fits in a tile."""
+    dims = [(width, height)]
+    while dims[-1][0] > tile_size or dims[-1][1] > tile_size:
+        w, h = dims[-1]
+        dims.append(((w + 1) // 2, (h + 1) // 2))
+    return dims
+
+
+def downsample2(a: np.ndarray, how: Downsampling) -> np.ndarray:
+    """Halve an ``H x W x C`` uint8 array to ``ceil(H / 2) x ceil(W / 2) x C``; odd edges repeat their last
+    row / column.
+
+    ``mode``: the most frequent of each 2 x 2 block (ties: the earliest in top-left, top-right, bottom-left,
+    bottom-right order), so class maps keep only existing classes. ``nearest``: the top-left pixel. ``mean``: the
+    rounded mean (for RGB).
+    """
+    if how == "nearest":
+        return a[::2, ::2]
+    h, w = a.shape[:2]
+    a = np.pad(a, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    q = np.stack([a[0::2, 0::2], a[0::2, 1::2], a[1::2, 0::2], a[1::2, 1::2]])  # 4 x H/2 x W/2 x C
+    if how == "mean":
+        return ((q.sum(axis=0, dtype=np.uint16) + 2) // 4).astype(a.dtype)
+    votes = np.zeros(q.shape, dtype=np.uint8)  # how many of the other three equal each of the four
+    for i in range(4):
+        for j in range(i + 1, 4):
+            same = q[i] == q[j]
+            votes[i] += same
+            votes[j] += same
+    return np.take_along_axis(q, votes.argmax(axis=0)[None], axis=0)[0]
+
+
+class _Level:
+    """One pyramid level: collects rows into a band of ``tile_size`` rows, encodes full bands into tiles appended
+    to the shared spool file, and hands each finished band on (to be halved for the next level)."""
+
+    def __init__(self, width: int, height: int, samples: int, tile_size: int, level: int) -> None:
+        self.width, self.height, self.tile_size = width, height, tile_size
+        self.band = np.zeros((tile_size, -(-width // tile_size) * tile_size, samples), dtype=np.uint8)
+        self.fill = 0  # rows of self.band in use
+        self.rows_done = 0  # rows already encoded
+        self.offsets = array("Q")
+        self.lengths = array("Q")
+        self.compression_level = level
+
+    def push(self, rows: np.ndarray, spool: BinaryIO) -> Iterator[np.ndarray]:
+        """Add ``rows`` (``h x width x C``); yield each band completed (``tile_size`` rows, fewer at the bottom)."""
+        i = 0
+        while i < len(rows):
+            n = min(len(rows) - i, self.tile_size - self.fill)
+            self.band[self.fill : self.fill + n, : self.width] = rows[i : i + n]
+            self.fill += n
+            i += n
+            if self.fill == self.tile_size or self.rows_done + self.fill == self.height:
+                yield self._flush(spool)
+
+    def _flush(self, spool: BinaryIO) -> np.ndarray:
+        t = self.tile_size
+        self.band[self.fill :] = 0  # padding of the bottom tiles: deterministic bytes
+        for x in range(0, self.band.shape[1], t):
+            data = imagecodecs.zlib_encode(self.band[:, x : x + t].tobytes(), level=self.compression_level)
+            self.offsets.append(spool.tell())
+            self.lengths.append(len(data))
+            spool.write(data)
+        done = self.band[: self.fill, : self.width].copy()
+        self.rows_done += self.fill
+        self.fill = 0
+        return done
+
+    @property
+    def complete(self) -> bool:
+        return self.rows_done == self.height
+
+    def tiles(self, spool: BinaryIO) -> Iterator[bytes]:
+        for offset, length in zip(self.offsets, self.lengths, strict=True):
+            spool.seek(offset)
+            yield spool.read(length)
+
+
+class PyramidTiffWriter(AtomicWriter):
+    """A pyramidal, tiled, deflate-compressed uint8 TIFF of ``width x height`` pixels for slide outputs.
+
+    ``samples=1``: a single-channel class map (minisblack; level 0 round-trips exactly; lower levels by 2 x 2
+    ``mode`` unless ``downsampling`` says otherwise). ``samples=3``: an RGB overlay (lower levels by ``mean``).
+    ``mpp`` is the level-0 resolution in microns per pixel (``x, y`` or one number), stored as pixels per cm.
+
+    Feed level 0 with :meth:`write` as whole-width bands of rows, top to bottom, of any heights. Memory: one band
+    of ``tile_size`` rows per level (about ``2 x tile_size x width x samples`` bytes in all). Encoded tiles are
+    spooled to ``<path>.spool.partial`` and copied into the TIFF by :meth:`close`, so the directory needs about
+    twice the output's size while writing.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        width: int,
+        height: int,
+        *,
+        samples: int = 1,
+        mpp: float | tuple[float, float] | None = None,
+        tile_size: int = 512,
+        downsampling: Downsampling | None = None,
+        compression_level: int = 6,
+        description: str | None = None,
+    ) -> None:
+        if width <= 0 or height <= 0:
+            raise ConfigError(f"output size must be positive, got {width} x {height}")
+        if samples not in (1, 3):
+            raise ConfigError(f"samples must be 1 (class map) or 3 (RGB), got {samples}")
+        if tile_size <= 0 or tile_size % 16:
+            raise ConfigError(f"tile_size must be a positive multiple of 16 (TIFF tiles), got {tile_size}")
+        how: Downsampling = downsampling or ("mode" if samples == 1 else "mean")
+        if how not in ("mode", "nearest", "mean"):
+            raise ConfigError(f"downsampling must be 'mode', 'nearest' or 'mean', got {how!r}")
+        if how == "mode" and samples != 1:
+            raise ConfigError("downsampling='mode' is for single-channel class maps; use 'mean' or 'nearest' for RGB")
+        mpp_xy = (mpp, mpp) if isinstance(mpp, (int, float)) else mpp
+        if mpp_xy is not None and not all(v > 0 for v in mpp_xy):
+            raise ConfigError(f"mpp must be positive microns per pixel, got {mpp!r}")
+        super().__init__(path)
+        self.width, self.height, self.samples, self.tile_size = int(width), int(height), samples, tile_size
+        self.mpp = mpp_xy
+        self.downsampling = how
+        self.description = description
+        self.level_dimensions = pyramid_dimensions(self.width, self.height, tile_size)
+        self._levels = [_Level(w, h, samples, tile_size, compression_level) for w, h in self.level_dimensions]
+        self._next_row = 0
+        self._spool_path = sibling(self.path, ".spool.partial")
+        try:
+            self._spool: BinaryIO = open(self._spool_path, "w+b")  # noqa: SIM115 (closed by close/abort)
+        except OSError as e:
+            raise self._open_error(e) from e
+
+    def write(self, array: np.ndarray, x: int, y: int) -> None:
+        """Write the next band of level-0 rows: ``array`` is ``H x width`` (or ``H x width x samples``), ``x``
+        must be 0 and ``y`` the first row not yet written."""
+        self._check_open()
+        a = np.asarray(array)
+        if a.ndim == 2:
+            a = a[..., None]
+        where = f"{self.path}: band at ({x}, {y})"
+        if a.ndim != 3 or a.shape[2] != self.samples:
+            raise InvalidRegionError(
+                f"{where}: expected an H x W x {self.samples} (or H x W) array, got shape {array.shape}"
+            )
+        if x != 0 or a.shape[1] != self.width or y != self._next_row:
+            raise InvalidRegionError(
+                f"{where} of {a.shape[1]} x {a.shape[0]} pixels: a pyramid TIFF takes whole-width bands "
+                f"({self.width} pixels wide) top to bottom; the next band starts at (0, {self._next_row})"
+            )
+        if y + a.shape[0] > self.height:
+            raise InvalidRegionError(f"{where}: {a.shape[0]} rows run past the output's {self.height} rows")
+        self._feed(0, cast_window(a, np.dtype(np.uint8), where))
+        self._next_row += a.shape[0]
+
+    def _feed(self, level: int, rows: np.ndarray) -> None:
+        for band in self._levels[level].push(rows, self._spool):
+            if level + 1 < len(self._levels):
+                self._feed(level + 1, downsample2(band, self.downsampling))
+
+    def _finish(self) -> None:
+        if self._next_row != self.height:
+            raise InvalidRegionError(
+                f"{self.path}: only {self._next_row} of {self.height} rows were written; nothing was saved"
+            )
+        assert all(lv.complete for lv in self._levels)
+        self._spool.flush()
+        bigtiff = self._spool.tell() > _BIGTIFF_ABOVE
+        resolution = (1e4 / self.mpp[0], 1e4 / self.mpp[1]) if self.mpp else None
+        try:
+            with tifffile.TiffWriter(self.partial, bigtiff=bigtiff) as tif:
+                for i, (lv, (w, h)) in enumerate(zip(self._levels, self.level_dimensions, strict=True)):
+                    tif.write(
+                        lv.tiles(self._spool),
+                        shape=(h, w, self.samples) if self.samples > 1 else (h, w),
+                        dtype=np.uint8,
+                        tile=(self.tile_size, self.tile_size),
+                        compression="zlib",
+                        photometric="rgb" if self.samples == 3 else "minisblack",
+                        planarconfig="contig",
+                        resolution=resolution,
+                        resolutionunit="CENTIMETER" if resolution else None,
+                        subfiletype=1 if i else 0,  # 1: reduced-resolution image
+                        description=self.description if i == 0 else None,
+                        metadata=None,
+                        software="densevision",
+                    )
+        except OSError as e:
+            raise OutputError(f"{self.path}: writing the pyramid TIFF failed ({e}); check the free disk space") from e
+        finally:
+            self._spool.close()
+            remove_quietly(self._spool_path)
+
+    def _discard(self) -> None:
+        self._spool.close()
+        remove_quietly(self._spool_path)
