@@ -8,11 +8,13 @@ import numpy as np
 import openslide
 import pytest
 import rasterio
+import tifffile
 from affine import Affine
 from rasterio.windows import Window
 
 from densevision import open_image
 from densevision.errors import (
+    ConfigError,
     CorruptImageError,
     DenseVisionError,
     EmptyFileError,
@@ -163,3 +165,51 @@ def test_rotated_transform_is_kept_and_noted(tmp_path):
     with open_image(path) as src:
         assert src.transform.almost_equals(transform)
         assert any("rotated" in n for n in src.facts.notes)
+
+
+def test_corrupt_tile_in_the_middle_is_named_and_the_handle_recovers(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (512, 768, 3), dtype=np.uint8)
+    path = tmp_path / "one-bad-tile.tif"
+    tifffile.imwrite(path, img, tile=(256, 256), compression="jpeg", photometric="rgb")
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages.first.dataoffsets[4], tif.pages.first.databytecounts[4]
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + count] = bytes(count)  # tile (row 1, col 1) no longer decodes
+    path.write_bytes(bytes(raw))
+    with open_image(path) as src:
+        assert src.backend == "openslide"
+        with pytest.raises(CorruptImageError, match=r"window at \(256, 256\)"):
+            src.read_region((256, 256), 0, (256, 256))
+        # OpenSlide errors are sticky; the source reopened its handle, so other tiles still read.
+        good = src.read_region((0, 0), 0, (256, 256))
+        assert good.valid.all() and abs(float(good.pixels.mean()) - float(img[:256, :256].mean())) < 2
+
+
+def test_float_raster_nan_is_invalid(tmp_path):
+    path = tmp_path / "float.tif"
+    data = np.ones((2, 20, 30), dtype=np.float32)
+    data[1, 5:8, 10:12] = np.nan
+    transform = Affine.translation(500000, 4000000) @ Affine.scale(10, -10)
+    with rasterio.open(
+        path, "w", driver="GTiff", width=30, height=20, count=2, dtype="float32", crs="EPSG:32633", transform=transform
+    ) as dst:
+        dst.write(data)
+    with open_image(path) as src:
+        region = src.read_region((0, 0), 0, (30, 20))
+        assert src.dtype == np.float32
+        assert not region.valid[5:8, 10:12].any() and region.valid.sum() == 600 - 6
+        assert not src.thumbnail(30).valid[5:8, 10:12].any()
+
+
+def test_band_selection_and_order(data_dir):
+    path = data_dir / "geotiff/RGBA.uint16.tif"
+    with open_image(path, bands=(3, 2, 1)) as src, rasterio.open(path) as ref:
+        assert src.band_count == 3 and src.facts.band_names == ("red", "green", "blue")
+        region = src.read_region((10, 20), 0, (40, 30))
+        expected = ref.read((3, 2, 1), window=Window(10, 20, 40, 30))
+    np.testing.assert_array_equal(region.pixels, np.moveaxis(expected, 0, -1))
+    with pytest.raises(ConfigError, match=r"within 1\.\.4"):
+        open_image(path, bands=(5,))
+    with pytest.raises(ConfigError, match="applies to rasters"):
+        open_image(data_dir / "wsi/small.svs", bands=(2,))

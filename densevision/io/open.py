@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import openslide
 import tifffile
 
 from densevision.errors import (
+    ConfigError,
     EmptyFileError,
     ImageNotFoundError,
     NotAFileError,
@@ -34,12 +36,15 @@ def _is_geotiff(path: Path) -> bool:
         return False
 
 
-def open_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageSource:
+def open_image(
+    path: str | os.PathLike[str], *, bands: Sequence[int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ImageSource:
     """Open a slide, raster or plain image for windowed reading.
 
     Georeferenced TIFFs go to rasterio (CRS, transform, nodata, overviews); formats OpenSlide recognises go to
     OpenSlide (levels, mpp); PNG/JPEG/BMP/GIF and untiled TIFFs go to Pillow, refused above ``max_pixels``;
-    anything else GDAL can open goes to rasterio.
+    anything else GDAL can open goes to rasterio. ``bands`` (1-based, in the wanted order) selects raster bands;
+    slides and plain images are always RGB.
 
     Raises:
         ImageNotFoundError, NotAFileError, EmptyFileError, UnsupportedFormatError, CorruptImageError,
@@ -57,17 +62,20 @@ def open_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PI
 
     is_tiff = magic.startswith(_TIFF_MAGIC)
     if is_tiff and _is_geotiff(p):
-        return RasterSource(p)
+        return RasterSource(p, bands)
     try:
         vendor = openslide.OpenSlide.detect_format(p)
     except openslide.OpenSlideError:
         vendor = None
+    rgb_only = vendor is not None or magic.startswith(_PILLOW_MAGIC) or is_tiff
+    if rgb_only and bands is not None and list(bands) != [1, 2, 3]:
+        raise ConfigError(f"{p}: band selection applies to rasters; this image is read as RGB (drop bands=)")
     if vendor is not None:
         return OpenSlideSource(p)
     if magic.startswith(_PILLOW_MAGIC) or is_tiff:
         return PlainImageSource(p, max_pixels=max_pixels)
     try:
-        return RasterSource(p)
+        return RasterSource(p, bands)
     except UnsupportedFormatError:
         raise UnsupportedFormatError(
             f"{p}: not a recognised slide, raster or image (OpenSlide, GDAL and Pillow all refuse it); "

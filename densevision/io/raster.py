@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,20 +11,29 @@ from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
-from densevision.errors import CorruptImageError, InvalidRegionError, UnsupportedFormatError
+from densevision.errors import ConfigError, CorruptImageError, InvalidRegionError, UnsupportedFormatError
 from densevision.io.source import ImageFacts, ImageSource, Region, Thumbnail, clip_window
 
 
 class RasterSource(ImageSource):
-    def __init__(self, path: Path) -> None:
+    """``bands``: 1-based band indexes in the order the model wants them (e.g. ``(3, 2, 1)`` for BGR files);
+    by default every band that is not alpha, in file order. NaN in float bands counts as nodata."""
+
+    def __init__(self, path: Path, bands: Sequence[int] | None = None) -> None:
         try:
             ds = rasterio.open(path)
         except RasterioIOError as e:
             raise UnsupportedFormatError(f"{path}: GDAL cannot open this file ({e})") from e
         self._levels: dict[int, rasterio.DatasetReader] = {0: ds}
         interp = ds.colorinterp
-        # Alpha bands describe validity, not content: they go to the mask, not to the model.
-        self._bands = [i + 1 for i, ci in enumerate(interp) if ci != ColorInterp.alpha]
+        if bands is None:
+            # Alpha bands describe validity, not content: they go to the mask, not to the model.
+            self._bands = [i + 1 for i, ci in enumerate(interp) if ci != ColorInterp.alpha]
+        else:
+            self._bands = [int(b) for b in bands]
+            if not self._bands or not all(1 <= b <= ds.count for b in self._bands):
+                ds.close()
+                raise ConfigError(f"{path}: bands {list(bands)} must be non-empty and within 1..{ds.count}")
         factors = ds.overviews(1) if ds.count else []
         dims = [(ds.width, ds.height)]
         for i in range(len(factors)):
@@ -79,6 +89,8 @@ class RasterSource(ImageSource):
         if data is not None:
             pixels[dst] = np.moveaxis(data, 0, -1)
         valid[dst] = mask > 0
+        if self.dtype.kind == "f":
+            valid &= ~np.isnan(pixels).any(axis=-1)
         return Region(pixels, valid)
 
     def thumbnail(self, max_size: int = 1024) -> Thumbnail:
@@ -91,8 +103,11 @@ class RasterSource(ImageSource):
         w, h = max(1, round(W / scale)), max(1, round(H / scale))
         resampling = Resampling.average if ds.count else Resampling.nearest
         data = ds.read(self._bands, out_shape=(len(self._bands), h, w), resampling=resampling)
-        mask = ds.dataset_mask(out_shape=(h, w), resampling=Resampling.nearest)
-        return Thumbnail(np.moveaxis(data, 0, -1), mask > 0, (W / w, H / h))
+        mask = ds.dataset_mask(out_shape=(h, w), resampling=Resampling.nearest) > 0
+        pixels = np.moveaxis(data, 0, -1)
+        if self.dtype.kind == "f":
+            mask &= ~np.isnan(pixels).any(axis=-1)
+        return Thumbnail(pixels, mask, (W / w, H / h))
 
     def close(self) -> None:
         for ds in self._levels.values():
