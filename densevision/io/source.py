@@ -46,6 +46,22 @@ def clip_window(
     return (slice(cy0, cy1), slice(cx0, cx1)), (slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0))
 
 
+def resize_region(region: Region, size: tuple[int, int]) -> Region:
+    """Resample a region to ``size`` ``(w, h)``: area average for pixels (any dtype), nearest for validity."""
+    from PIL import Image
+
+    # Mode "F" (float32) resizes any dtype; BOX is the area average.
+    bands = [
+        np.asarray(Image.fromarray(region.pixels[..., b].astype(np.float32)).resize(size, Image.Resampling.BOX))
+        for b in range(region.pixels.shape[-1])
+    ]
+    pixels = np.stack(bands, axis=-1)
+    if np.issubdtype(region.pixels.dtype, np.integer):
+        pixels = np.rint(pixels)
+    valid = np.asarray(Image.fromarray(region.valid).resize(size, Image.Resampling.NEAREST))
+    return Region(pixels.astype(region.pixels.dtype), valid)
+
+
 @dataclass(frozen=True)
 class ImageFacts:
     """What a backend found out about the file when opening it."""
@@ -151,8 +167,6 @@ class ImageSource(abc.ABC):
         Reads the closest pyramid level at or above the target resolution, then resamples to the target:
         area averaging for pixels, nearest for validity.
         """
-        from PIL import Image
-
         if max_size < 1:
             raise InvalidRegionError(f"{self.path}: thumbnail size must be positive, got {max_size}")
         W, H = self.size
@@ -161,16 +175,7 @@ class ImageSource(abc.ABC):
         level = self.best_level_for_downsample(max(scale, 1.0))
         region = self._read((0, 0), level, self.level_dimensions[level])
         if region.valid.shape[::-1] != out:
-            # Mode "F" (float32) resizes any dtype; BOX is the area average.
-            bands = [
-                np.asarray(Image.fromarray(region.pixels[..., b].astype(np.float32)).resize(out, Image.Resampling.BOX))
-                for b in range(region.pixels.shape[-1])
-            ]
-            valid = np.asarray(Image.fromarray(region.valid).resize(out, Image.Resampling.NEAREST))
-            pixels = np.stack(bands, axis=-1)
-            if np.issubdtype(region.pixels.dtype, np.integer):
-                pixels = np.rint(pixels)
-            region = Region(pixels.astype(region.pixels.dtype), valid)
+            region = resize_region(region, out)
         return Thumbnail(region.pixels, region.valid, (W / out[0], H / out[1]))
 
     @abc.abstractmethod

@@ -1,0 +1,114 @@
+"""Reading tiles in worker processes: a torch Dataset over a TileGrid whose workers each open their own handle.
+
+OpenSlide and GDAL handles must not cross processes, so a handle is opened lazily in whichever process first
+reads, and reopened if the dataset finds itself in a new process (a DataLoader worker after fork).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from densevision.errors import ConfigError, MissingResolutionError
+from densevision.io import ImageSource, open_image
+from densevision.io.source import resize_region
+from densevision.tiling.grid import Tile
+
+
+@dataclass(frozen=True)
+class ReadGeometry:
+    """How working pixels (the grid's) map to the file: tiles are read at pyramid ``level`` and resized by
+    ``level_per_working`` (level pixels per working pixel, >= 1 when reading a finer level than needed).
+    A working pixel covers ``downsample`` level-0 pixels."""
+
+    level: int
+    level_per_working: float
+    downsample: float
+
+
+def read_geometry(src: ImageSource, *, level: int | None = None, mpp: float | None = None) -> ReadGeometry:
+    """Pick the working resolution: a pyramid level as is, or a target mpp read from the closest finer level."""
+    if mpp is None:
+        lv = level or 0
+        src.check_window((0, 0), lv, (1, 1))
+        return ReadGeometry(lv, 1.0, src.level_downsamples[lv])
+    if level is not None:
+        raise ConfigError("give either a level or a target mpp, not both")
+    if src.mpp is None:
+        raise MissingResolutionError(
+            f"{src.path}: the image has no trustworthy mpp, so --mpp {mpp} cannot be honoured; "
+            "pass --level instead, or give the scan resolution"
+        )
+    target = mpp / src.mpp[0]  # level-0 pixels per working pixel
+    lv = src.best_level_for_downsample(target)
+    return ReadGeometry(lv, target / src.level_downsamples[lv], target)
+
+
+class TileDataset(Dataset):
+    """Item ``i`` is tile ``tiles[i]``: ``(index, pixels CxTxT float32 tensor, valid TxT bool tensor)``."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        tiles: Sequence[Tile],
+        geometry: ReadGeometry,
+        open_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.tiles = list(tiles)
+        self.geometry = geometry
+        self.open_options = open_options or {}
+        self._src: ImageSource | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def _source(self) -> ImageSource:
+        if self._src is None or self._pid != os.getpid():
+            self._src = open_image(self.path, **self.open_options)
+            self._pid = os.getpid()
+        return self._src
+
+    def read(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+        """``(pixels T x T x C, valid T x T)`` of a tile at working resolution."""
+        g = self.geometry
+        loc = (round(tile.x * g.downsample), round(tile.y * g.downsample))
+        size = (round(tile.width * g.level_per_working), round(tile.height * g.level_per_working))
+        region = self._source().read_region(loc, g.level, size)
+        if size != (tile.width, tile.height):
+            region = resize_region(region, (tile.width, tile.height))
+        return region.pixels, region.valid
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        tile = self.tiles[i]
+        pixels, valid = self.read(tile)
+        chw = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)).astype(np.float32, copy=False))
+        return tile.index, chw, torch.from_numpy(np.ascontiguousarray(valid))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Never pickle an open handle into a worker.
+        state = self.__dict__.copy()
+        state["_src"], state["_pid"] = None, -1
+        return state
+
+
+def tile_loader(
+    dataset: TileDataset, *, batch_size: int, workers: int, pin_memory: bool = False, prefetch: int = 2
+) -> DataLoader:
+    """Batches of tiles in order, read by ``workers`` processes with at most ``prefetch`` batches queued each."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch if workers > 0 else None,
+        persistent_workers=False,
+    )
