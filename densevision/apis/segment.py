@@ -1,0 +1,232 @@
+"""``segment_image``: a whole slide or scene through a segmentation model, stitched into one class map."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from densevision import __version__
+from densevision.compat import trusted_checkpoints
+from densevision.engine.reader import TileDataset, read_geometry
+from densevision.engine.runner import BackgroundCalls, TileRunner, resolve_device
+from densevision.errors import ConfigError
+from densevision.io import GeoTiffWriter, ImageSource, PyramidTiffWriter, open_image, scale_transform
+from densevision.io.writers._atomic import check_output_path
+from densevision.predictors.base import SegmentationPredictor
+from densevision.stitch import SegmentationStitcher, WindowWriter, check_blend, class_map, probabilities
+from densevision.tiling import TileGrid, tiles_with_content, tissue_mask
+
+NODATA = 255
+PREVIEW_SIZE = 1024
+
+
+class _Outputs:
+    """The sink of finished bands: class map (and probabilities) to their writers, class pixel counts, and a
+    nearest-neighbour preview of at most PREVIEW_SIZE pixels, all per band."""
+
+    def __init__(self, classes: WindowWriter, probs: WindowWriter | None, k: int, width: int, height: int) -> None:
+        self.classes, self.probs, self.k = classes, probs, k
+        self.counts = np.zeros(k + 1, dtype=np.int64)  # last bin: nodata
+        self.step = max(1, math.ceil(max(width, height) / PREVIEW_SIZE))
+        self.preview = np.full((math.ceil(height / self.step), math.ceil(width / self.step)), NODATA, np.uint8)
+
+    def __call__(self, y0: int, logits: np.ndarray, valid: np.ndarray) -> None:
+        cmap = class_map(logits, valid, NODATA)
+        self.classes.write(cmap, 0, y0)
+        if self.probs is not None:
+            self.probs.write(np.moveaxis(probabilities(logits, valid), 0, -1), 0, y0)
+        self.counts += np.bincount(np.minimum(cmap.ravel(), self.k), minlength=self.k + 1)
+        rows = np.arange(y0, y0 + len(cmap))
+        on_grid = rows % self.step == 0
+        self.preview[rows[on_grid] // self.step] = cmap[on_grid, :: self.step]
+
+
+def _area_per_pixel(src: ImageSource, downsample: float) -> tuple[float, str] | None:
+    """Physical area of one output pixel: um^2 for slides with a known mpp, m^2 for rasters in a metric CRS."""
+    if src.mpp is not None:
+        return src.mpp[0] * src.mpp[1] * downsample**2, "um2"
+    if src.crs is not None and src.transform is not None and src.crs.linear_units in ("metre", "meter"):
+        return abs(src.transform.determinant) * downsample**2, "m2"
+    return None
+
+
+def _write_preview(
+    path: Path, src: ImageSource, preview: np.ndarray, palette: tuple[tuple[int, int, int], ...]
+) -> None:
+    thumb = src.thumbnail(PREVIEW_SIZE)
+    base = thumb.pixels[..., :3].astype(np.float32)
+    if base.shape[-1] < 3:
+        base = np.repeat(base[..., :1], 3, axis=-1)
+    lo, hi = np.nanpercentile(base, 1), np.nanpercentile(base, 99)
+    base = np.clip((base - lo) / max(hi - lo, 1e-6) * 255, 0, 255)
+    size = (base.shape[1], base.shape[0])
+    classes = np.asarray(Image.fromarray(preview).resize(size, Image.Resampling.NEAREST))
+    colours = np.array([*palette, (0, 0, 0)] + [(0, 0, 0)] * (256 - len(palette) - 1), dtype=np.float32)
+    overlay = np.where((classes != NODATA)[..., None], 0.55 * base + 0.45 * colours[classes], base)
+    Image.fromarray(overlay.astype(np.uint8)).save(path)
+
+
+def segment_image(
+    image: str | os.PathLike[str],
+    config: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    *,
+    out: str | os.PathLike[str],
+    predictor: SegmentationPredictor | None = None,
+    tile: int = 512,
+    overlap: int = 64,
+    batch_size: int = 4,
+    blend: str = "gaussian",
+    level: int | None = None,
+    mpp: float | None = None,
+    bands: list[int] | None = None,
+    device: str = "auto",
+    workers: int = 2,
+    probability_output: bool = False,
+    skip_empty: bool = True,
+    cfg_options: dict[str, Any] | None = None,
+    trust_checkpoint: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Segment a whole image tile by tile and write the stitched class map.
+
+    Rasters get a COG with the input's CRS and transform (scaled to the working resolution); slides and plain
+    images get a pyramidal TIFF with the resolution in microns. Beside ``out``: ``*.summary.json`` (inputs,
+    tiles done / skipped, timings, class areas), ``*.preview.png`` (overlay), and with ``probability_output``
+    ``*.probs.tif`` (float32 per class). Give ``config`` (+ ``checkpoint``) for an mmsegmentation model, or a
+    ready ``predictor``.
+
+    Returns:
+        The run summary (also written as JSON).
+    """
+    started = time.perf_counter()
+    out_path = check_output_path(out)
+    if out_path.suffix.lower() not in (".tif", ".tiff"):
+        raise ConfigError(f"{out_path}: the segmentation output is a TIFF; name it *.tif")
+    check_blend(blend)
+    stem = out_path.with_suffix("")
+    dev = resolve_device(device)
+
+    if predictor is None:
+        if config is None:
+            raise ConfigError("segment_image needs a model: pass a config (-c) or a predictor")
+        from densevision.predictors.mmseg import MMSegPredictor
+
+        with trusted_checkpoints(trust_checkpoint):
+            predictor = MMSegPredictor.from_config(config, checkpoint, device=dev, cfg_options=cfg_options)
+
+    with open_image(image, bands=bands) as src:
+        geometry = read_geometry(src, level=level, mpp=mpp)
+        if mpp is None:
+            width, height = src.level_dimensions[geometry.level]
+        else:
+            width, height = (max(1, round(s / geometry.downsample)) for s in src.size)
+        grid = TileGrid(width, height, tile, overlap, divisor=predictor.size_divisor)
+        tiles = list(grid)
+        keep = np.ones(len(tiles), dtype=bool)
+        if skip_empty:
+            thumb = src.thumbnail(PREVIEW_SIZE)
+            content = tissue_mask(thumb.pixels, thumb.valid) if src.backend == "openslide" else thumb.valid
+            scale = (thumb.downsample[0] / geometry.downsample, thumb.downsample[1] / geometry.downsample)
+            keep = tiles_with_content(grid, content, scale)
+        k = predictor.num_classes
+        names = list(predictor.class_names)
+        if src.backend == "rasterio":
+            classes_writer: GeoTiffWriter | PyramidTiffWriter = GeoTiffWriter(
+                out_path, width, height, 1, np.uint8,
+                crs=src.crs,
+                transform=scale_transform(src.transform, geometry.downsample) if src.transform else None,
+                nodata=NODATA,
+                colormap={i: (*c, 255) for i, c in enumerate(predictor.palette)},
+                class_names=names,
+                cog=True,
+            )  # fmt: skip
+        else:
+            level_mpp = (src.mpp[0] * geometry.downsample, src.mpp[1] * geometry.downsample) if src.mpp else None
+            classes_writer = PyramidTiffWriter(out_path, width, height, mpp=level_mpp, description=json.dumps(names))
+        probs_writer: GeoTiffWriter | None = None
+        if probability_output:
+            probs_writer = GeoTiffWriter(
+                stem.with_name(stem.name + ".probs.tif"), width, height, k, np.float32,
+                crs=src.crs if src.backend == "rasterio" else None,
+                transform=scale_transform(src.transform, geometry.downsample) if src.transform else None,
+                nodata=float("nan"),
+                band_descriptions=names,
+            )  # fmt: skip
+        outputs = _Outputs(classes_writer, probs_writer, k, width, height)
+        background = BackgroundCalls()
+        stitcher = SegmentationStitcher(grid, k, blend, lambda y0, lg, v: background.submit(outputs, y0, lg, v))
+        try:
+            for t in tiles:
+                if not keep[t.index]:
+                    stitcher.skip(t)
+            dataset = TileDataset(src.path, [t for t in tiles if keep[t.index]], geometry, {"bands": bands})
+
+            def consume(indexes: list[int], logits: np.ndarray, valid: np.ndarray) -> None:
+                for j, i in enumerate(indexes):
+                    stitcher.add(tiles[i], logits[j], valid[j])
+
+            runner = TileRunner(batch_size=batch_size, workers=workers, device=dev, progress=progress)
+            stats = runner.run(dataset, predictor, consume) if len(dataset) else None
+            stitcher.finish()
+            background.close()
+            classes_writer.close()
+            if probs_writer is not None:
+                probs_writer.close()
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                background.close()
+            classes_writer.abort()
+            if probs_writer is not None:
+                probs_writer.abort()
+            raise
+        preview_path = stem.with_name(stem.name + ".preview.png")
+        _write_preview(preview_path, src, outputs.preview, predictor.palette)
+        area = _area_per_pixel(src, geometry.downsample)
+        source_facts = src.describe()
+
+    summary: dict[str, Any] = {
+        "input": source_facts,
+        "output": str(out_path),
+        "probabilities": str(probs_writer.path) if probs_writer else None,
+        "preview": str(preview_path),
+        "model": {
+            "config": os.fspath(config) if config else None,
+            "checkpoint": os.fspath(checkpoint) if checkpoint else None,
+            "classes": names,
+        },
+        "settings": {
+            "tile": tile, "overlap": overlap, "batch_size": batch_size, "blend": blend, "level": geometry.level,
+            "mpp": mpp, "downsample": geometry.downsample, "device": str(dev), "workers": workers,
+            "skip_empty": skip_empty,
+        },
+        "output_size": [width, height],
+        "tiles": {"total": len(tiles), "done": int(keep.sum()), "skipped": int((~keep).sum())},
+        "timings": {**(stats.as_dict() if stats else {}), "seconds_wall": time.perf_counter() - started},
+        "classes": [
+            {
+                "index": i, "name": names[i], "pixels": int(outputs.counts[i]),
+                **({f"area_{area[1]}": float(outputs.counts[i] * area[0])} if area else {}),
+            }
+            for i in range(k)
+        ],
+        "nodata_pixels": int(outputs.counts[k]),
+        "versions": {"densevision": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    }  # fmt: skip
+    if not keep.any():
+        summary["note"] = "no tile has content (all glass or nodata): the output is all nodata"
+    summary_path = stem.with_name(stem.name + ".summary.json")
+    tmp = summary_path.with_name(summary_path.name + ".partial")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, summary_path)
+    return summary

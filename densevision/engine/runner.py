@@ -1,0 +1,115 @@
+"""The streaming loop: batches of tiles from reader workers through a predictor into a consumer (a stitcher),
+with the consumer's writing done on a background thread so the model does not wait on compression and disk."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from densevision.engine.reader import TileDataset, tile_loader
+
+# (tile indexes, logits B x K x T x T, valid B x T x T) -> None
+BatchConsumer = Callable[[list[int], np.ndarray, np.ndarray], None]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class RunStats:
+    tiles: int = 0
+    batches: int = 0
+    seconds_waiting_for_tiles: float = 0.0
+    seconds_predicting: float = 0.0
+    seconds_consuming: float = 0.0
+    seconds_total: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["tiles_per_second"] = self.tiles / self.seconds_total if self.seconds_total else None
+        return d
+
+
+class BackgroundCalls:
+    """Runs calls in order on one thread, at most ``depth`` queued; the first error is raised by ``close``
+    (or by the next ``submit``)."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self._queue: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="densevision-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                fn, args = item
+                try:
+                    fn(*args)
+                except BaseException as e:
+                    self._error = e
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((fn, args))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+@dataclass
+class TileRunner:
+    """Streams ``dataset`` through ``predict`` in batches of ``batch_size`` and hands results to a consumer."""
+
+    batch_size: int = 4
+    workers: int = 2
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: bool = False
+    progress: bool = True
+
+    def run(
+        self, dataset: TileDataset, predict: Callable[[torch.Tensor], torch.Tensor], consume: BatchConsumer
+    ) -> RunStats:
+        stats = RunStats()
+        start = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        loader = tile_loader(
+            dataset, batch_size=self.batch_size, workers=min(self.workers, len(dataset)), pin_memory=cuda
+        )
+        bar = tqdm(total=len(dataset), unit="tile", disable=not self.progress, dynamic_ncols=True)
+        try:
+            waited = time.perf_counter()
+            for index, pixels, valid in loader:
+                t0 = time.perf_counter()
+                stats.seconds_waiting_for_tiles += t0 - waited
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    logits = predict(pixels.to(self.device, non_blocking=cuda))
+                out = logits.float().cpu().numpy()
+                t1 = time.perf_counter()
+                stats.seconds_predicting += t1 - t0
+                consume(index.tolist(), out, valid.numpy())
+                waited = time.perf_counter()
+                stats.seconds_consuming += waited - t1
+                stats.tiles += len(index)
+                stats.batches += 1
+                bar.update(len(index))
+        finally:
+            bar.close()
+        stats.seconds_total = time.perf_counter() - start
+        return stats

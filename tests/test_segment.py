@@ -1,0 +1,144 @@
+"""segment_image end to end with small torch predictors whose whole-image answer is known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+
+from densevision import open_image, segment_image
+from densevision.errors import ConfigError
+
+
+class ConvPredictor(torch.nn.Module):
+    """Convolution-only model with a receptive-field radius of 4 px: crop blending with a halo >= 4 is exact."""
+
+    num_classes = 4
+    class_names = ("a", "b", "c", "d")
+    palette = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0))
+    size_divisor = 16
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 5, padding=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 5, padding=2)
+        )
+
+    @torch.no_grad()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.net(batch / 255.0)  # raw 0 (padding) stays 0, as the whole image's zero padding
+
+
+class SaturationPredictor(ConvPredictor):
+    """Two classes, 'glass' and 'stained', from saturation: a stand-in with an obvious right answer."""
+
+    num_classes = 2
+    class_names = ("glass", "stained")
+    palette = ((200, 200, 200), (180, 0, 180))
+
+    @torch.no_grad()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        hi, lo = batch.max(dim=1).values, batch.min(dim=1).values
+        sat = (hi - lo) / hi.clamp(min=1)
+        return torch.stack([0.1 - sat, sat - 0.1], dim=1)
+
+
+@pytest.fixture
+def geotiff(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (3, 250, 333), dtype=np.uint8)
+    path = tmp_path / "scene.tif"
+    transform = Affine.translation(399960, 5000040) @ Affine.scale(10, -10)
+    profile = dict(driver="GTiff", width=333, height=250, count=3, dtype="uint8", crs="EPSG:32631")
+    with rasterio.open(path, "w", transform=transform, **profile) as dst:
+        dst.write(data)
+    return path, data, transform
+
+
+def test_crop_blend_equals_the_whole_image(geotiff, tmp_path):
+    path, data, transform = geotiff
+    out = tmp_path / "out" / "seg.tif"
+    out.parent.mkdir()
+    model = ConvPredictor()
+    summary = segment_image(
+        path, out=out, predictor=model, tile=64, overlap=16, batch_size=3, blend="crop",
+        workers=0, probability_output=True, skip_empty=False, progress=False,
+    )  # fmt: skip
+    whole = model(torch.from_numpy(data).float()[None])[0]
+    expected = torch.softmax(whole, dim=0).numpy()
+    with rasterio.open(summary["probabilities"]) as probs:
+        stitched = probs.read()
+    assert np.abs(stitched - expected).max() <= 1e-5
+    with rasterio.open(out) as seg:
+        assert seg.crs.to_epsg() == 32631 and seg.transform == transform
+        np.testing.assert_array_equal(seg.read(1), whole.argmax(0).numpy())
+        assert seg.nodata == 255
+    assert summary["tiles"] == {"total": 7 * 5, "done": 35, "skipped": 0}
+    assert sum(c["pixels"] for c in summary["classes"]) == 333 * 250
+    assert summary["classes"][0]["area_m2"] == pytest.approx(summary["classes"][0]["pixels"] * 100)
+    on_disk = json.loads((tmp_path / "out" / "seg.summary.json").read_text())
+    assert on_disk["tiles"] == summary["tiles"]
+    assert (tmp_path / "out" / "seg.preview.png").stat().st_size > 0
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "seg.preview.png", "seg.probs.tif", "seg.summary.json", "seg.tif"
+    ]  # fmt: skip
+
+
+def test_level_output_keeps_coordinates(data_dir, tmp_path):
+    """Segmenting cogeo.tif at overview level 2 gives an output whose transform is scaled by 4."""
+    out = tmp_path / "seg.tif"
+    summary = segment_image(
+        data_dir / "geotiff/cogeo.tif", out=out, predictor=SaturationPredictor(), tile=128, overlap=0,
+        level=2, workers=0, progress=False,
+    )  # fmt: skip
+    with rasterio.open(data_dir / "geotiff/cogeo.tif") as src, rasterio.open(out) as seg:
+        assert (seg.width, seg.height) == (256, 256)
+        assert seg.transform.almost_equals(src.transform @ Affine.scale(4))
+        assert seg.crs == src.crs
+    assert summary["settings"]["downsample"] == 4
+
+
+def test_slide_glass_tiles_are_skipped_and_output_is_a_pyramid(data_dir, tmp_path):
+    out = tmp_path / "slide-seg.tif"
+    summary = segment_image(
+        data_dir / "wsi/CMU-1-Small-Region.svs", out=out, predictor=SaturationPredictor(), tile=512, overlap=32,
+        batch_size=2, workers=2, progress=False,
+    )  # fmt: skip
+    assert summary["tiles"]["skipped"] > 0 and summary["tiles"]["done"] > 0
+    assert summary["nodata_pixels"] > 0  # the skipped glass
+    assert summary["classes"][1]["area_um2"] == pytest.approx(summary["classes"][1]["pixels"] * 0.499**2)
+    with open_image(out) as seg:
+        assert seg.size == (2220, 2967) and seg.mpp == pytest.approx((0.499, 0.499), rel=1e-3)
+        assert seg.level_count >= 3
+        centre = seg.read_region((1200, 2000), 0, (64, 64)).pixels[..., 0]
+        corner = seg.read_region((0, 2500), 0, (64, 64)).pixels[..., 0]
+    assert (centre == 1).mean() > 0.5  # stained tissue in the middle of the strip
+    assert set(np.unique(corner)) <= {0, 255}  # glass: predicted glass, or skipped and written as nodata
+
+
+def test_all_nodata_input_writes_an_empty_output(data_dir, tmp_path):
+    out = tmp_path / "empty.tif"
+    summary = segment_image(
+        data_dir / "geotiff/all-nodata.tif", out=out, predictor=SaturationPredictor(), tile=64, overlap=16,
+        bands=[1, 2, 3], workers=0, progress=False,
+    )  # fmt: skip
+    assert summary["tiles"]["done"] == 0 and "no tile has content" in summary["note"]
+    with rasterio.open(out) as seg:
+        assert (seg.read(1) == 255).all() and seg.crs.to_epsg() == 32628
+
+
+def test_bad_arguments(geotiff, tmp_path):
+    path, _, _ = geotiff
+    with pytest.raises(ConfigError, match=r"\*\.tif"):
+        segment_image(path, out=tmp_path / "x.png", predictor=ConvPredictor())
+    with pytest.raises(ConfigError, match="blend"):
+        segment_image(path, out=tmp_path / "x.tif", predictor=ConvPredictor(), blend="median")
+    with pytest.raises(ConfigError, match="multiple of the model's size divisor 16"):
+        segment_image(path, out=tmp_path / "x.tif", predictor=ConvPredictor(), tile=100, progress=False)
+    assert not list(tmp_path.glob("x*"))
