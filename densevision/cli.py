@@ -62,6 +62,73 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cfg_options(pairs: list[str] | None) -> dict[str, Any] | None:
+    """``key=value`` overrides of the model config, parsed as mmengine's ``--cfg-options`` are."""
+    if not pairs:
+        return None
+    from mmengine.config import DictAction
+
+    ns = argparse.Namespace()
+    DictAction(option_strings=["--cfg-options"], dest="cfg_options")(argparse.ArgumentParser(), ns, pairs)
+    return dict(ns.cfg_options)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from densevision.apis import segment_image
+
+    summary = segment_image(
+        args.input,
+        args.config,
+        args.checkpoint,
+        out=args.out,
+        tile=args.tile,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        blend=args.blend,
+        level=args.level,
+        mpp=args.mpp,
+        bands=args.bands,
+        device=args.device,
+        workers=args.workers,
+        probability_output=args.probabilities,
+        skip_empty=not args.keep_empty,
+        cfg_options=_cfg_options(args.cfg_options),
+        trust_checkpoint=args.trust_checkpoint,
+        progress=not args.quiet,
+    )
+    t = summary["tiles"]
+    print(f"segmentation: {summary['output']}")
+    if summary["probabilities"]:
+        print(f"probabilities: {summary['probabilities']}")
+    print(f"preview: {summary['preview']}")
+    print(f"tiles: {t['done']} done, {t['skipped']} skipped as empty, of {t['total']}")
+    print(f"summary: {summary['summary']}")
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", required=True, help="mmsegmentation / mmdetection config file (.py)")
+    p.add_argument("-w", "--checkpoint", help="model weights (.pth); without it the model keeps its initialisation")
+    p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config entries, as in mmengine")
+    p.add_argument(
+        "--trust-checkpoint", action="store_true", help="unpickle arbitrary objects in the checkpoint (runs its code!)"
+    )
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1 ... (default: auto)")
+
+
+def _add_tiling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tile", type=int, default=512, help="tile size in working pixels (default: 512)")
+    p.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring tiles (default: 64)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per model call (default: 4)")
+    p.add_argument("--workers", type=int, default=2, help="reader processes (default: 2)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--level", type=int, help="pyramid level to work at (default: 0, full resolution)")
+    where.add_argument("--mpp", type=float, help="working resolution in microns per pixel (slides)")
+    p.add_argument("--bands", type=int, nargs="+", help="raster bands to feed the model, 1-based, in order")
+    p.add_argument("--keep-empty", action="store_true", help="also run tiles with no tissue / only nodata")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="densevision", description=__doc__)
     parser.add_argument("--version", action="version", version=f"densevision {__version__}")
@@ -71,6 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("paths", nargs="+", metavar="PATH", help="slide, raster or image files")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=cmd_info)
+
+    seg = sub.add_parser("segment", help="segment a whole slide or scene with an mmsegmentation model")
+    seg.add_argument("input", metavar="INPUT", help="slide, raster or image")
+    seg.add_argument("-o", "--out", required=True, help="output class map (.tif); summary and preview go beside it")
+    _add_model_args(seg)
+    _add_tiling_args(seg)
+    seg.add_argument(
+        "--blend",
+        default="gaussian",
+        choices=["crop", "gaussian", "hann", "constant"],
+        help="how overlapping tiles are combined (default: gaussian)",
+    )
+    seg.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (*.probs.tif)")
+    seg.set_defaults(func=cmd_segment)
     return parser
 
 

@@ -226,6 +226,7 @@ def segment_image(
     if not keep.any():
         summary["note"] = "no tile has content (all glass or nodata): the output is all nodata"
     summary_path = stem.with_name(stem.name + ".summary.json")
+    summary["summary"] = str(summary_path)
     tmp = summary_path.with_name(summary_path.name + ".partial")
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, summary_path)
