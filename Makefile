@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 STAMP := $(VENV)/.densevision-ready
 
-.PHONY: setup demo test test-slow lint format typecheck clean
+.PHONY: setup demo test test-slow lint format typecheck clean bench-read
 
 $(STAMP): pyproject.toml tools/install.sh
 	bash tools/install.sh
@@ -17,8 +17,8 @@ demo: setup
 	$(BIN)/densevision info $(DATA)/wsi/CMU-1-Small-Region.svs $(DATA)/geotiff/RGB.byte.tif
 
 lint: setup
-	$(BIN)/ruff check densevision tests tools benchmarks
-	$(BIN)/ruff format --check densevision tests tools benchmarks
+	$(BIN)/ruff check densevision tests tools benchmarks configs
+	$(BIN)/ruff format --check densevision tests tools benchmarks configs
 
 typecheck: setup
 	$(BIN)/mypy
@@ -30,8 +30,12 @@ test-slow: setup
 	$(BIN)/pytest -m slow
 
 format: setup
-	$(BIN)/ruff format densevision tests tools benchmarks
-	$(BIN)/ruff check --fix densevision tests tools benchmarks
+	$(BIN)/ruff format densevision tests tools benchmarks configs
+	$(BIN)/ruff check --fix densevision tests tools benchmarks configs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Peak memory reading 4k^2 .. 32k^2 (1 gigapixel) generated slides region by region; see benchmarks/README.md.
+bench-read: setup
+	nice -n 10 $(BIN)/python benchmarks/read_memory.py

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO, Literal
 
 import imagecodecs
@@ -60,18 +60,26 @@ def downsample2(a: np.ndarray, how: Downsampling) -> np.ndarray:
     return np.take_along_axis(q, votes.argmax(axis=0)[None], axis=0)[0]
 
 
-class _Level:
+class PyramidLevel:
     """One pyramid level: collects rows into a band of ``tile_size`` rows, encodes full bands into tiles appended
-    to the shared spool file, and hands each finished band on (to be halved for the next level)."""
+    to a spool file with ``encode`` (tile array -> compressed bytes), and hands each finished band on (to be
+    halved for the next level). Padding of the bottom / right tiles is ``fill``."""
 
-    def __init__(self, width: int, height: int, samples: int, tile_size: int, level: int) -> None:
-        self.width, self.height, self.tile_size = width, height, tile_size
-        self.band = np.zeros((tile_size, -(-width // tile_size) * tile_size, samples), dtype=np.uint8)
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        samples: int,
+        tile_size: int,
+        encode: Callable[[np.ndarray], bytes],
+        fill: int = 0,
+    ) -> None:
+        self.width, self.height, self.tile_size, self.encode, self.fill_value = width, height, tile_size, encode, fill
+        self.band = np.full((tile_size, -(-width // tile_size) * tile_size, samples), fill, dtype=np.uint8)
         self.fill = 0  # rows of self.band in use
         self.rows_done = 0  # rows already encoded
         self.offsets = array("Q")
         self.lengths = array("Q")
-        self.compression_level = level
 
     def push(self, rows: np.ndarray, spool: BinaryIO) -> Iterator[np.ndarray]:
         """Add ``rows`` (``h x width x C``); yield each band completed (``tile_size`` rows, fewer at the bottom)."""
@@ -86,9 +94,9 @@ class _Level:
 
     def _flush(self, spool: BinaryIO) -> np.ndarray:
         t = self.tile_size
-        self.band[self.fill :] = 0  # padding of the bottom tiles: deterministic bytes
+        self.band[self.fill :] = self.fill_value  # padding of the bottom tiles: deterministic bytes
         for x in range(0, self.band.shape[1], t):
-            data = imagecodecs.zlib_encode(self.band[:, x : x + t].tobytes(), level=self.compression_level)
+            data = self.encode(self.band[:, x : x + t])
             self.offsets.append(spool.tell())
             self.lengths.append(len(data))
             spool.write(data)
@@ -153,7 +161,11 @@ class PyramidTiffWriter(AtomicWriter):
         self.downsampling = how
         self.description = description
         self.level_dimensions = pyramid_dimensions(self.width, self.height, tile_size)
-        self._levels = [_Level(w, h, samples, tile_size, compression_level) for w, h in self.level_dimensions]
+
+        def encode(tile: np.ndarray) -> bytes:
+            return bytes(imagecodecs.zlib_encode(tile.tobytes(), level=compression_level))
+
+        self._levels = [PyramidLevel(w, h, samples, tile_size, encode) for w, h in self.level_dimensions]
         self._next_row = 0
         self._spool_path = sibling(self.path, ".spool.partial")
         try:
