@@ -58,7 +58,7 @@ def checkpoint(tmp_path_factory):
 def scene(tmp_path_factory):
     rng = np.random.default_rng(1)
     data = rng.integers(0, 256, (3, 220, 300), dtype=np.uint8)
-    data[:, 60:160, 80:220] = (200, 60, 120)  # a region with structure the model can respond to
+    data[:, 60:160, 80:220] = np.array([200, 60, 120], dtype=np.uint8)[:, None, None]  # a structured region
     path = tmp_path_factory.mktemp("scene") / "scene.tif"
     with rasterio.open(
         path, "w", driver="GTiff", width=300, height=220, count=3, dtype="uint8", crs="EPSG:32633",
