@@ -88,6 +88,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         level=args.level,
         mpp=args.mpp,
         bands=args.bands,
+        value_range=tuple(args.value_range) if args.value_range else None,
         device=args.device,
         workers=args.workers,
         probability_output=args.probabilities,
@@ -125,6 +126,13 @@ def _add_tiling_args(p: argparse.ArgumentParser) -> None:
     where.add_argument("--level", type=int, help="pyramid level to work at (default: 0, full resolution)")
     where.add_argument("--mpp", type=float, help="working resolution in microns per pixel (slides)")
     p.add_argument("--bands", type=int, nargs="+", help="raster bands to feed the model, 1-based, in order")
+    p.add_argument(
+        "--value-range",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="stretch LO..HI to 0..255 for non-8-bit rasters (default: per-band 2nd-98th percentiles)",
+    )
     p.add_argument("--keep-empty", action="store_true", help="also run tiles with no tissue / only nodata")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

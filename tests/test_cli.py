@@ -51,7 +51,10 @@ def test_info_non_integer_downsamples(data_dir, capsys):
     assert facts["mpp"] is None  # 352.78 um/px is a 72-dpi default, not a measurement
 
 
-@pytest.mark.parametrize("name", ["bad/broken.svs", "bad/unopenable.tiff", "bad/truncated_image.png", "missing.svs"])
+@pytest.mark.parametrize(
+    "name",
+    ["bad/broken.svs", "bad/unopenable.tiff", "bad/truncated_image.png", "bad/oom-dimensions.tif", "missing.svs"],
+)
 def test_info_bad_input_one_line_exit_2(data_dir, name):
     proc = run_cli("info", str(data_dir / name))
     assert proc.returncode == 2

@@ -142,3 +142,43 @@ def test_bad_arguments(geotiff, tmp_path):
     with pytest.raises(ConfigError, match="multiple of the model's size divisor 16"):
         segment_image(path, out=tmp_path / "x.tif", predictor=ConvPredictor(), tile=100, progress=False)
     assert not list(tmp_path.glob("x*"))
+
+
+class RangeRecorder(SaturationPredictor):
+    """Records the range of the pixel values the model is given."""
+
+    seen: list[tuple[float, float]]
+
+    @torch.no_grad()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        self.seen.append((float(batch.min()), float(batch.max())))
+        return super().forward(batch)
+
+
+def test_uint16_rasters_are_stretched_to_the_8bit_range(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.integers(1000, 4001, (3, 120, 150), dtype=np.uint16)
+    path = tmp_path / "u16.tif"
+    transform = Affine.translation(0, 1200) @ Affine.scale(10, -10)
+    with rasterio.open(
+        path, "w", driver="GTiff", width=150, height=120, count=3, dtype="uint16", crs="EPSG:32631", transform=transform
+    ) as dst:
+        dst.write(data)
+    model = RangeRecorder()
+    model.seen = []
+    summary = segment_image(
+        path, out=tmp_path / "a.tif", predictor=model, tile=64, overlap=16, workers=0, progress=False
+    )
+    lo, hi = summary["settings"]["value_scale"]["lo"], summary["settings"]["value_scale"]["hi"]
+    assert all(1000 <= v < 1200 for v in lo) and all(3800 < v <= 4000 for v in hi)  # 2nd / 98th percentiles
+    assert min(s[0] for s in model.seen) == 0.0 and max(s[1] for s in model.seen) == 255.0
+    model.seen = []
+    summary = segment_image(
+        path, out=tmp_path / "b.tif", predictor=model, tile=64, overlap=16, value_range=(0, 8000), workers=0,
+        progress=False,
+    )  # fmt: skip
+    assert summary["settings"]["value_scale"] == {"lo": [0.0] * 3, "hi": [8000.0] * 3}
+    assert (
+        min(s[0] for s in model.seen) >= 1000 / 8000 * 255 - 0.01
+        and max(s[1] for s in model.seen) <= 4000 / 8000 * 255 + 0.01
+    )

@@ -20,7 +20,8 @@ from densevision.compat import trusted_checkpoints
 from densevision.engine.reader import TileDataset, read_geometry
 from densevision.engine.runner import BackgroundCalls, TileRunner, resolve_device
 from densevision.errors import ConfigError
-from densevision.io import GeoTiffWriter, ImageSource, PyramidTiffWriter, open_image, scale_transform
+from densevision.io import GeoTiffWriter, ImageSource, PyramidTiffWriter, Thumbnail, open_image, scale_transform
+from densevision.io.scaling import ValueScale
 from densevision.io.writers._atomic import check_output_path
 from densevision.predictors.base import SegmentationPredictor
 from densevision.stitch import SegmentationStitcher, WindowWriter, check_blend, class_map, probabilities
@@ -61,9 +62,8 @@ def _area_per_pixel(src: ImageSource, downsample: float) -> tuple[float, str] | 
 
 
 def _write_preview(
-    path: Path, src: ImageSource, preview: np.ndarray, palette: tuple[tuple[int, int, int], ...]
+    path: Path, thumb: Thumbnail, preview: np.ndarray, palette: tuple[tuple[int, int, int], ...]
 ) -> None:
-    thumb = src.thumbnail(PREVIEW_SIZE)
     base = thumb.pixels[..., :3].astype(np.float32)
     if base.shape[-1] < 3:
         base = np.repeat(base[..., :1], 3, axis=-1)
@@ -90,6 +90,7 @@ def segment_image(
     level: int | None = None,
     mpp: float | None = None,
     bands: list[int] | None = None,
+    value_range: tuple[float, float] | None = None,
     device: str = "auto",
     workers: int = 2,
     probability_output: bool = False,
@@ -104,7 +105,8 @@ def segment_image(
     images get a pyramidal TIFF with the resolution in microns. Beside ``out``: ``*.summary.json`` (inputs,
     tiles done / skipped, timings, class areas), ``*.preview.png`` (overlay), and with ``probability_output``
     ``*.probs.tif`` (float32 per class). Give ``config`` (+ ``checkpoint``) for an mmsegmentation model, or a
-    ready ``predictor``.
+    ready ``predictor``. Pixels that are not uint8 are stretched to 0..255 (``value_range``, or per-band 2nd-98th
+    percentiles of the thumbnail; see :mod:`densevision.io.scaling`).
 
     Returns:
         The run summary (also written as JSON).
@@ -134,8 +136,13 @@ def segment_image(
         grid = TileGrid(width, height, tile, overlap, divisor=predictor.size_divisor)
         tiles = list(grid)
         keep = np.ones(len(tiles), dtype=bool)
+        thumb = src.thumbnail(PREVIEW_SIZE)
+        value_scale = None
+        if value_range is not None:
+            value_scale = ValueScale.uniform(*value_range, src.band_count)
+        elif src.dtype != np.uint8:
+            value_scale = ValueScale.from_sample(thumb.pixels, thumb.valid)
         if skip_empty:
-            thumb = src.thumbnail(PREVIEW_SIZE)
             content = tissue_mask(thumb.pixels, thumb.valid) if src.backend == "openslide" else thumb.valid
             scale = (thumb.downsample[0] / geometry.downsample, thumb.downsample[1] / geometry.downsample)
             keep = tiles_with_content(grid, content, scale)
@@ -170,7 +177,8 @@ def segment_image(
             for t in tiles:
                 if not keep[t.index]:
                     stitcher.skip(t)
-            dataset = TileDataset(src.path, [t for t in tiles if keep[t.index]], geometry, {"bands": bands})
+            kept = [t for t in tiles if keep[t.index]]
+            dataset = TileDataset(src.path, kept, geometry, {"bands": bands}, value_scale)
 
             def consume(indexes: list[int], logits: np.ndarray, valid: np.ndarray) -> None:
                 for j, i in enumerate(indexes):
@@ -191,7 +199,7 @@ def segment_image(
                 probs_writer.abort()
             raise
         preview_path = stem.with_name(stem.name + ".preview.png")
-        _write_preview(preview_path, src, outputs.preview, predictor.palette)
+        _write_preview(preview_path, thumb, outputs.preview, predictor.palette)
         area = _area_per_pixel(src, geometry.downsample)
         source_facts = src.describe()
 
@@ -209,6 +217,7 @@ def segment_image(
             "tile": tile, "overlap": overlap, "batch_size": batch_size, "blend": blend, "level": geometry.level,
             "mpp": mpp, "downsample": geometry.downsample, "device": str(dev), "workers": workers,
             "skip_empty": skip_empty,
+            "value_scale": {"lo": list(value_scale.lo), "hi": list(value_scale.hi)} if value_scale else None,
         },
         "output_size": [width, height],
         "tiles": {"total": len(tiles), "done": int(keep.sum()), "skipped": int((~keep).sum())},

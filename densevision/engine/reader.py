@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from densevision.errors import ConfigError, MissingResolutionError
 from densevision.io import ImageSource, open_image
+from densevision.io.scaling import ValueScale
 from densevision.io.source import resize_region
 from densevision.tiling.grid import Tile
 
@@ -51,7 +52,8 @@ def read_geometry(src: ImageSource, *, level: int | None = None, mpp: float | No
 
 
 class TileDataset(Dataset):
-    """Item ``i`` is tile ``tiles[i]``: ``(index, pixels CxTxT float32 tensor, valid TxT bool tensor)``."""
+    """Item ``i`` is tile ``tiles[i]``: ``(index, pixels CxTxT float32 tensor, valid TxT bool tensor)``; pixels are
+    raw values, or mapped to 0..255 by ``value_scale`` (see :mod:`densevision.io.scaling`)."""
 
     def __init__(
         self,
@@ -59,8 +61,10 @@ class TileDataset(Dataset):
         tiles: Sequence[Tile],
         geometry: ReadGeometry,
         open_options: dict[str, Any] | None = None,
+        value_scale: ValueScale | None = None,
     ) -> None:
         self.path = os.fspath(path)
+        self.value_scale = value_scale
         self.tiles = list(tiles)
         self.geometry = geometry
         self.open_options = open_options or {}
@@ -89,6 +93,8 @@ class TileDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         tile = self.tiles[i]
         pixels, valid = self.read(tile)
+        if self.value_scale is not None:
+            pixels = self.value_scale(pixels)
         chw = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)).astype(np.float32, copy=False))
         return tile.index, chw, torch.from_numpy(np.ascontiguousarray(valid))
 
