@@ -95,6 +95,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         skip_empty=not args.keep_empty,
         cfg_options=_cfg_options(args.cfg_options),
         trust_checkpoint=args.trust_checkpoint,
+        resume=args.resume,
         progress=not args.quiet,
     )
     t = summary["tiles"]
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="how overlapping tiles are combined (default: gaussian)",
     )
     seg.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (*.probs.tif)")
+    seg.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its OUT.partial.d work folder"
+    )
     seg.set_defaults(func=cmd_segment)
     return parser
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -18,7 +17,8 @@ from PIL import Image
 from densevision import __version__
 from densevision.compat import trusted_checkpoints
 from densevision.engine.reader import TileDataset, read_geometry
-from densevision.engine.runner import BackgroundCalls, TileRunner, resolve_device
+from densevision.engine.runner import BackgroundCalls, RunStats, TileRunner, resolve_device
+from densevision.engine.workdir import BandStore
 from densevision.errors import ConfigError
 from densevision.io import GeoTiffWriter, ImageSource, PyramidTiffWriter, Thumbnail, open_image, scale_transform
 from densevision.io.scaling import ValueScale
@@ -32,8 +32,8 @@ PREVIEW_SIZE = 1024
 
 
 class _Outputs:
-    """The sink of finished bands: class map (and probabilities) to their writers, class pixel counts, and a
-    nearest-neighbour preview of at most PREVIEW_SIZE pixels, all per band."""
+    """Finished bands to the outputs: class map (and probabilities) to their writers, class pixel counts, and a
+    nearest-neighbour preview of at most PREVIEW_SIZE pixels, one band at a time."""
 
     def __init__(self, classes: WindowWriter, probs: WindowWriter | None, k: int, width: int, height: int) -> None:
         self.classes, self.probs, self.k = classes, probs, k
@@ -41,11 +41,10 @@ class _Outputs:
         self.step = max(1, math.ceil(max(width, height) / PREVIEW_SIZE))
         self.preview = np.full((math.ceil(height / self.step), math.ceil(width / self.step)), NODATA, np.uint8)
 
-    def __call__(self, y0: int, logits: np.ndarray, valid: np.ndarray) -> None:
-        cmap = class_map(logits, valid, NODATA)
+    def __call__(self, y0: int, cmap: np.ndarray, probs: np.ndarray | None) -> None:
         self.classes.write(cmap, 0, y0)
-        if self.probs is not None:
-            self.probs.write(np.moveaxis(probabilities(logits, valid), 0, -1), 0, y0)
+        if self.probs is not None and probs is not None:
+            self.probs.write(probs, 0, y0)
         self.counts += np.bincount(np.minimum(cmap.ravel(), self.k), minlength=self.k + 1)
         rows = np.arange(y0, y0 + len(cmap))
         on_grid = rows % self.step == 0
@@ -76,6 +75,59 @@ def _write_preview(
     Image.fromarray(overlay.astype(np.uint8)).save(path)
 
 
+def _predict_bands(
+    work: BandStore,
+    grid: TileGrid,
+    keep: np.ndarray,
+    predictor: SegmentationPredictor,
+    blend: str,
+    probability_output: bool,
+    dataset: TileDataset,
+    runner: TileRunner,
+) -> RunStats | None:
+    """Predict and stitch every band not yet in ``work``, committing each as it finishes.
+
+    Resuming at band ``k0`` redoes the tile rows whose windows reach into it; earlier rows count as skipped and
+    their (incomplete) bands are dropped. Batches start where the uninterrupted run's did, so every tile is
+    predicted in the same company and the result is the same to the last bit.
+    """
+    tiles = list(grid)
+    band_of = {y: k for k, y in enumerate(grid.ys)}
+    first = work.done()
+    if first == len(band_of):
+        return None
+    r0 = min(r for r, y in enumerate(grid.ys) if y + grid.tile > grid.ys[first])
+    background = BackgroundCalls()
+
+    def commit(y0: int, logits: np.ndarray, valid: np.ndarray) -> None:
+        if band_of[y0] >= first:
+            probs = np.moveaxis(probabilities(logits, valid), 0, -1) if probability_output else None
+            work.put(band_of[y0], y0, class_map(logits, valid, NODATA), probs)
+
+    stitcher = SegmentationStitcher(
+        grid, predictor.num_classes, blend, lambda y0, lg, v: background.submit(commit, y0, lg, v)
+    )
+    kept = [t for t in tiles if keep[t.index]]
+    start = next((i for i, t in enumerate(kept) if t.row >= r0), len(kept))
+    start -= start % runner.batch_size
+    dataset.tiles = kept[start:]
+    try:
+        for t in tiles:
+            if not keep[t.index] or t.row < r0:
+                stitcher.skip(t)
+
+        def consume(indexes: list[int], logits: np.ndarray, valid: np.ndarray) -> None:
+            for j, i in enumerate(indexes):
+                if tiles[i].row >= r0:  # rows before r0 were only recomputed to align the batches
+                    stitcher.add(tiles[i], logits[j], valid[j])
+
+        stats = runner.run(dataset, predictor, consume) if len(dataset) else None
+        stitcher.finish()
+    finally:
+        background.close()
+    return stats
+
+
 def segment_image(
     image: str | os.PathLike[str],
     config: str | os.PathLike[str] | None = None,
@@ -97,6 +149,7 @@ def segment_image(
     skip_empty: bool = True,
     cfg_options: dict[str, Any] | None = None,
     trust_checkpoint: bool = False,
+    resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Segment a whole image tile by tile and write the stitched class map.
@@ -107,6 +160,9 @@ def segment_image(
     ``*.probs.tif`` (float32 per class). Give ``config`` (+ ``checkpoint``) for an mmsegmentation model, or a
     ready ``predictor``. Pixels that are not uint8 are stretched to 0..255 (``value_range``, or per-band 2nd-98th
     percentiles of the thumbnail; see :mod:`densevision.io.scaling`).
+
+    Finished bands are committed to ``<out>.partial.d/`` as the run goes; after a crash, ``resume=True`` redoes
+    only what was not finished and gives the same bytes as an uninterrupted run.
 
     Returns:
         The run summary (also written as JSON).
@@ -170,34 +226,35 @@ def segment_image(
                 nodata=float("nan"),
                 band_descriptions=names,
             )  # fmt: skip
+        fingerprint = {
+            "input": str(Path(src.path).resolve()), "input_size": list(src.size), "output_size": [width, height],
+            "config": os.fspath(config) if config else None,
+            "checkpoint": os.fspath(checkpoint) if checkpoint else None,
+            "classes": names, "tile": tile, "overlap": overlap, "batch_size": batch_size, "blend": blend,
+            "level": geometry.level, "mpp": mpp, "bands": bands, "skip_empty": skip_empty,
+            "value_scale": [value_scale.lo, value_scale.hi] if value_scale else None,
+            "probabilities": probability_output,
+        }  # fmt: skip
+        work = BandStore(out_path.with_name(out_path.name + ".partial.d"), fingerprint, resume=resume)
+        bands_before = work.done()
+        stats = _predict_bands(
+            work, grid, keep, predictor, blend, probability_output,
+            TileDataset(src.path, [], geometry, {"bands": bands}, value_scale),
+            TileRunner(batch_size=batch_size, workers=workers, device=dev, progress=progress),
+        )  # fmt: skip
         outputs = _Outputs(classes_writer, probs_writer, k, width, height)
-        background = BackgroundCalls()
-        stitcher = SegmentationStitcher(grid, k, blend, lambda y0, lg, v: background.submit(outputs, y0, lg, v))
         try:
-            for t in tiles:
-                if not keep[t.index]:
-                    stitcher.skip(t)
-            kept = [t for t in tiles if keep[t.index]]
-            dataset = TileDataset(src.path, kept, geometry, {"bands": bands}, value_scale)
-
-            def consume(indexes: list[int], logits: np.ndarray, valid: np.ndarray) -> None:
-                for j, i in enumerate(indexes):
-                    stitcher.add(tiles[i], logits[j], valid[j])
-
-            runner = TileRunner(batch_size=batch_size, workers=workers, device=dev, progress=progress)
-            stats = runner.run(dataset, predictor, consume) if len(dataset) else None
-            stitcher.finish()
-            background.close()
+            for y0, classes, probs in work.bands():
+                outputs(y0, classes, probs)
             classes_writer.close()
             if probs_writer is not None:
                 probs_writer.close()
         except BaseException:
-            with contextlib.suppress(BaseException):
-                background.close()
             classes_writer.abort()
             if probs_writer is not None:
                 probs_writer.abort()
             raise
+        work.remove()
         preview_path = stem.with_name(stem.name + ".preview.png")
         _write_preview(preview_path, thumb, outputs.preview, predictor.palette)
         area = _area_per_pixel(src, geometry.downsample)
@@ -221,6 +278,7 @@ def segment_image(
         },
         "output_size": [width, height],
         "tiles": {"total": len(tiles), "done": int(keep.sum()), "skipped": int((~keep).sum())},
+        "resumed": {"bands_already_done": bands_before, "bands": len(grid.ys)} if resume else None,
         "timings": {**(stats.as_dict() if stats else {}), "seconds_wall": time.perf_counter() - started},
         "classes": [
             {
