@@ -35,8 +35,10 @@ SCRIPT = textwrap.dedent(
             time.sleep(float(sys.argv[3]))
             return self.net(x / 255.0)
 
-    segment_image(sys.argv[1], out=sys.argv[2], predictor=Slow(), tile=64, overlap=16, batch_size=3,
-                  blend="gaussian", probability_output=True, workers=0, progress=False, resume=sys.argv[4] == "1")
+    result = segment_image(sys.argv[1], out=sys.argv[2], predictor=Slow(), tile=64, overlap=16, batch_size=3,
+                           blend="gaussian", probability_output=True, workers=0, progress=False,
+                           resume=sys.argv[4] == "1")
+    print("tiles predicted:", result["timings"].get("tiles", 0))
     """
 )
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from densevision import __version__
 from densevision.compat import trusted_checkpoints
+from densevision.engine.distributed import barrier, init_distributed, split_contiguous
 from densevision.engine.reader import TileDataset, read_geometry
 from densevision.engine.runner import BackgroundCalls, RunStats, TileRunner, resolve_device
 from densevision.engine.workdir import BandStore
@@ -24,7 +25,7 @@ from densevision.io import GeoTiffWriter, ImageSource, PyramidTiffWriter, Thumbn
 from densevision.io.scaling import ValueScale
 from densevision.io.writers._atomic import check_output_path
 from densevision.predictors.base import SegmentationPredictor
-from densevision.stitch import SegmentationStitcher, WindowWriter, check_blend, class_map, probabilities
+from densevision.stitch import SegmentationStitcher, check_blend, class_map, probabilities
 from densevision.tiling import TileGrid, tiles_with_content, tissue_mask
 
 NODATA = 255
@@ -35,7 +36,9 @@ class _Outputs:
     """Finished bands to the outputs: class map (and probabilities) to their writers, class pixel counts, and a
     nearest-neighbour preview of at most PREVIEW_SIZE pixels, one band at a time."""
 
-    def __init__(self, classes: WindowWriter, probs: WindowWriter | None, k: int, width: int, height: int) -> None:
+    def __init__(
+        self, classes: GeoTiffWriter | PyramidTiffWriter, probs: GeoTiffWriter | None, k: int, width: int, height: int
+    ) -> None:
         self.classes, self.probs, self.k = classes, probs, k
         self.counts = np.zeros(k + 1, dtype=np.int64)  # last bin: nodata
         self.step = max(1, math.ceil(max(width, height) / PREVIEW_SIZE))
@@ -49,6 +52,52 @@ class _Outputs:
         rows = np.arange(y0, y0 + len(cmap))
         on_grid = rows % self.step == 0
         self.preview[rows[on_grid] // self.step] = cmap[on_grid, :: self.step]
+
+
+def _assemble(
+    work: BandStore,
+    out_path: Path,
+    src: ImageSource,
+    downsample: float,
+    predictor: SegmentationPredictor,
+    probability_output: bool,
+    width: int,
+    height: int,
+    n_bands: int,
+) -> _Outputs:
+    """Stream the committed bands into the final files (renamed into place only when complete)."""
+    k, names = predictor.num_classes, list(predictor.class_names)
+    if work.done() != n_bands:
+        raise ConfigError(f"{work.root}: only {work.done()} of {n_bands} bands are finished; run again with --resume")
+    transform = scale_transform(src.transform, downsample) if src.transform else None
+    if src.backend == "rasterio":
+        classes: GeoTiffWriter | PyramidTiffWriter = GeoTiffWriter(
+            out_path, width, height, 1, np.uint8, crs=src.crs, transform=transform, nodata=NODATA,
+            colormap={i: (*c, 255) for i, c in enumerate(predictor.palette)}, class_names=names, cog=True,
+        )  # fmt: skip
+    else:
+        mpp = (src.mpp[0] * downsample, src.mpp[1] * downsample) if src.mpp else None
+        classes = PyramidTiffWriter(out_path, width, height, mpp=mpp, description=json.dumps(names))
+    probs = None
+    if probability_output:
+        probs = GeoTiffWriter(
+            out_path.with_name(out_path.stem + ".probs.tif"), width, height, k, np.float32,
+            crs=src.crs if src.backend == "rasterio" else None, transform=transform, nodata=float("nan"),
+            band_descriptions=names,
+        )  # fmt: skip
+    outputs = _Outputs(classes, probs, k, width, height)
+    try:
+        for y0, cmap, p in work.bands():
+            outputs(y0, cmap, p)
+        classes.close()
+        if probs is not None:
+            probs.close()
+    except BaseException:
+        classes.abort()
+        if probs is not None:
+            probs.abort()
+        raise
+    return outputs
 
 
 def _area_per_pixel(src: ImageSource, downsample: float) -> tuple[float, str] | None:
@@ -79,46 +128,49 @@ def _predict_bands(
     work: BandStore,
     grid: TileGrid,
     keep: np.ndarray,
+    bands: tuple[int, int],
     predictor: SegmentationPredictor,
     blend: str,
     probability_output: bool,
     dataset: TileDataset,
     runner: TileRunner,
 ) -> RunStats | None:
-    """Predict and stitch every band not yet in ``work``, committing each as it finishes.
+    """Predict and stitch bands ``[a, b)`` that are not yet in ``work``, committing each as it finishes.
 
-    Resuming at band ``k0`` redoes the tile rows whose windows reach into it; earlier rows count as skipped and
-    their (incomplete) bands are dropped. Batches start where the uninterrupted run's did, so every tile is
-    predicted in the same company and the result is the same to the last bit.
+    Starting at band ``k`` (resuming, or a rank's share) redoes the tile rows whose windows reach into it; other
+    rows count as skipped and their incomplete bands are dropped. Batches start and end where one uninterrupted
+    run's would, so every tile is predicted in the same company and the result is the same to the last bit.
     """
     tiles = list(grid)
     band_of = {y: k for k, y in enumerate(grid.ys)}
-    first = work.done()
-    if first == len(band_of):
+    first, end = bands[0] + work.done(bands[0]), bands[1]
+    if first >= end:
         return None
     r0 = min(r for r, y in enumerate(grid.ys) if y + grid.tile > grid.ys[first])
     background = BackgroundCalls()
 
     def commit(y0: int, logits: np.ndarray, valid: np.ndarray) -> None:
-        if band_of[y0] >= first:
+        if first <= band_of[y0] < end:
             probs = np.moveaxis(probabilities(logits, valid), 0, -1) if probability_output else None
             work.put(band_of[y0], y0, class_map(logits, valid, NODATA), probs)
 
     stitcher = SegmentationStitcher(
         grid, predictor.num_classes, blend, lambda y0, lg, v: background.submit(commit, y0, lg, v)
     )
+    needed = range(r0, end)  # band k is final once tile rows up to k are in
     kept = [t for t in tiles if keep[t.index]]
-    start = next((i for i, t in enumerate(kept) if t.row >= r0), len(kept))
-    start -= start % runner.batch_size
-    dataset.tiles = kept[start:]
+    lo = next((i for i, t in enumerate(kept) if t.row >= r0), len(kept))
+    hi = next((i for i, t in enumerate(kept) if t.row >= end), len(kept))
+    size = runner.batch_size
+    dataset.tiles = kept[lo - lo % size : min(len(kept), -(-hi // size) * size)]
     try:
         for t in tiles:
-            if not keep[t.index] or t.row < r0:
+            if not keep[t.index] or t.row not in needed:
                 stitcher.skip(t)
 
         def consume(indexes: list[int], logits: np.ndarray, valid: np.ndarray) -> None:
             for j, i in enumerate(indexes):
-                if tiles[i].row >= r0:  # rows before r0 were only recomputed to align the batches
+                if tiles[i].row in needed:  # the others were only computed to keep the batches aligned
                     stitcher.add(tiles[i], logits[j], valid[j])
 
         stats = runner.run(dataset, predictor, consume) if len(dataset) else None
@@ -174,6 +226,7 @@ def segment_image(
     check_blend(blend)
     stem = out_path.with_suffix("")
     dev = resolve_device(device)
+    rank, world = init_distributed(dev)
 
     if predictor is None:
         if config is None:
@@ -204,28 +257,6 @@ def segment_image(
             keep = tiles_with_content(grid, content, scale)
         k = predictor.num_classes
         names = list(predictor.class_names)
-        if src.backend == "rasterio":
-            classes_writer: GeoTiffWriter | PyramidTiffWriter = GeoTiffWriter(
-                out_path, width, height, 1, np.uint8,
-                crs=src.crs,
-                transform=scale_transform(src.transform, geometry.downsample) if src.transform else None,
-                nodata=NODATA,
-                colormap={i: (*c, 255) for i, c in enumerate(predictor.palette)},
-                class_names=names,
-                cog=True,
-            )  # fmt: skip
-        else:
-            level_mpp = (src.mpp[0] * geometry.downsample, src.mpp[1] * geometry.downsample) if src.mpp else None
-            classes_writer = PyramidTiffWriter(out_path, width, height, mpp=level_mpp, description=json.dumps(names))
-        probs_writer: GeoTiffWriter | None = None
-        if probability_output:
-            probs_writer = GeoTiffWriter(
-                stem.with_name(stem.name + ".probs.tif"), width, height, k, np.float32,
-                crs=src.crs if src.backend == "rasterio" else None,
-                transform=scale_transform(src.transform, geometry.downsample) if src.transform else None,
-                nodata=float("nan"),
-                band_descriptions=names,
-            )  # fmt: skip
         fingerprint = {
             "input": str(Path(src.path).resolve()), "input_size": list(src.size), "output_size": [width, height],
             "config": os.fspath(config) if config else None,
@@ -235,25 +266,24 @@ def segment_image(
             "value_scale": [value_scale.lo, value_scale.hi] if value_scale else None,
             "probabilities": probability_output,
         }  # fmt: skip
-        work = BandStore(out_path.with_name(out_path.name + ".partial.d"), fingerprint, resume=resume)
+        work_dir = out_path.with_name(out_path.name + ".partial.d")
+        # Rank 0 creates (or checks) the work folder; the others join it once it is there.
+        work = BandStore(work_dir, fingerprint, resume=resume) if rank == 0 else None
+        barrier(world)
+        work = work or BandStore(work_dir, fingerprint, resume=True)
         bands_before = work.done()
+        share = split_contiguous(np.bincount([t.row for t in tiles if keep[t.index]], minlength=len(grid.ys)), world)
         stats = _predict_bands(
-            work, grid, keep, predictor, blend, probability_output,
+            work, grid, keep, share[rank], predictor, blend, probability_output,
             TileDataset(src.path, [], geometry, {"bands": bands}, value_scale),
-            TileRunner(batch_size=batch_size, workers=workers, device=dev, progress=progress),
+            TileRunner(batch_size=batch_size, workers=workers, device=dev, progress=progress and rank == 0),
         )  # fmt: skip
-        outputs = _Outputs(classes_writer, probs_writer, k, width, height)
-        try:
-            for y0, classes, probs in work.bands():
-                outputs(y0, classes, probs)
-            classes_writer.close()
-            if probs_writer is not None:
-                probs_writer.close()
-        except BaseException:
-            classes_writer.abort()
-            if probs_writer is not None:
-                probs_writer.abort()
-            raise
+        barrier(world)
+        if rank != 0:
+            return {"rank": rank, "bands": list(share[rank]), "timings": stats.as_dict() if stats else {}}
+        outputs = _assemble(
+            work, out_path, src, geometry.downsample, predictor, probability_output, width, height, len(grid.ys)
+        )
         work.remove()
         preview_path = stem.with_name(stem.name + ".preview.png")
         _write_preview(preview_path, thumb, outputs.preview, predictor.palette)
@@ -263,7 +293,7 @@ def segment_image(
     summary: dict[str, Any] = {
         "input": source_facts,
         "output": str(out_path),
-        "probabilities": str(probs_writer.path) if probs_writer else None,
+        "probabilities": str(outputs.probs.path) if outputs.probs else None,
         "preview": str(preview_path),
         "model": {
             "config": os.fspath(config) if config else None,

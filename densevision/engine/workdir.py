@@ -51,12 +51,12 @@ class BandStore:
     def _path(self, k: int) -> Path:
         return self.root / f"band-{k:06d}.npz"
 
-    def done(self) -> int:
-        """How many bands, from the top, are finished."""
-        k = 0
+    def done(self, start: int = 0) -> int:
+        """How many consecutive bands from band ``start`` on are finished."""
+        k = start
         while self._path(k).is_file():
             k += 1
-        return k
+        return k - start
 
     def put(self, k: int, y0: int, classes: np.ndarray, probs: np.ndarray | None) -> None:
         """Commit band ``k`` (rows from ``y0``): ``classes`` ``h x W``, ``probs`` ``h x W x C`` or None."""
