@@ -90,6 +90,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         bands=args.bands,
         value_range=tuple(args.value_range) if args.value_range else None,
         device=args.device,
+        amp=args.amp,
         workers=args.workers,
         probability_output=args.probabilities,
         skip_empty=not args.keep_empty,
@@ -116,6 +117,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--trust-checkpoint", action="store_true", help="unpickle arbitrary objects in the checkpoint (runs its code!)"
     )
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--amp", action="store_true", help="run the model in bfloat16 autocast (GPUs with bf16)")
 
 
 def _add_tiling_args(p: argparse.ArgumentParser) -> None:

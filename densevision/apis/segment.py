@@ -196,6 +196,7 @@ def segment_image(
     bands: list[int] | None = None,
     value_range: tuple[float, float] | None = None,
     device: str = "auto",
+    amp: bool = False,
     workers: int = 2,
     probability_output: bool = False,
     skip_empty: bool = True,
@@ -276,7 +277,7 @@ def segment_image(
         stats = _predict_bands(
             work, grid, keep, share[rank], predictor, blend, probability_output,
             TileDataset(src.path, [], geometry, {"bands": bands}, value_scale),
-            TileRunner(batch_size=batch_size, workers=workers, device=dev, progress=progress and rank == 0),
+            TileRunner(batch_size=batch_size, workers=workers, device=dev, amp=amp, progress=progress and rank == 0),
         )  # fmt: skip
         barrier(world)
         if rank != 0:
@@ -302,7 +303,8 @@ def segment_image(
         },
         "settings": {
             "tile": tile, "overlap": overlap, "batch_size": batch_size, "blend": blend, "level": geometry.level,
-            "mpp": mpp, "downsample": geometry.downsample, "device": str(dev), "workers": workers,
+            "mpp": mpp, "downsample": geometry.downsample, "device": str(dev), "amp": amp, "workers": workers,
+            "world_size": world,
             "skip_empty": skip_empty,
             "value_scale": {"lo": list(value_scale.lo), "hi": list(value_scale.hi)} if value_scale else None,
         },

@@ -3,6 +3,7 @@ with the consumer's writing done on a background thread so the model does not wa
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -23,7 +24,10 @@ BatchConsumer = Callable[[list[int], np.ndarray, np.ndarray], None]
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` is the first CUDA device when there is one, else the CPU."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # Under torchrun each rank takes its own GPU.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device(device)
 
 
