@@ -121,7 +121,9 @@ def _write_preview(
     classes = np.asarray(Image.fromarray(preview).resize(size, Image.Resampling.NEAREST))
     colours = np.array([*palette, (0, 0, 0)] + [(0, 0, 0)] * (256 - len(palette) - 1), dtype=np.float32)
     overlay = np.where((classes != NODATA)[..., None], 0.55 * base + 0.45 * colours[classes], base)
-    Image.fromarray(overlay.astype(np.uint8)).save(path)
+    tmp = path.with_name(path.name + ".partial")
+    Image.fromarray(overlay.astype(np.uint8)).save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def _predict_bands(
