@@ -231,16 +231,17 @@ def segment_image(
     dev = resolve_device(device)
     rank, world = init_distributed(dev)
 
-    if predictor is None:
-        if config is None:
-            raise ConfigError("segment_image needs a model: pass a config (-c) or a predictor")
-        from densevision.predictors.mmseg import MMSegPredictor
-
-        with trusted_checkpoints(trust_checkpoint):
-            predictor = MMSegPredictor.from_config(config, checkpoint, device=dev, cfg_options=cfg_options)
-
+    # The input is checked before the (slow) model build, so a wrong path fails at once.
     with open_image(image, bands=bands) as src:
         geometry = read_geometry(src, level=level, mpp=mpp)
+        if predictor is None:
+            from densevision.predictors.mmseg import MMSegPredictor
+
+            if config is None:
+                raise ConfigError("segment_image needs a model: pass a config (-c) or a predictor")
+
+            with trusted_checkpoints(trust_checkpoint):
+                predictor = MMSegPredictor.from_config(config, checkpoint, device=dev, cfg_options=cfg_options)
         if mpp is None:
             width, height = src.level_dimensions[geometry.level]
         else:
