@@ -25,7 +25,14 @@ from densevision.io import GeoTiffWriter, ImageSource, PyramidTiffWriter, Thumbn
 from densevision.io.scaling import ValueScale
 from densevision.io.writers._atomic import check_output_path
 from densevision.predictors.base import SegmentationPredictor
-from densevision.stitch import SegmentationStitcher, check_blend, class_map, probabilities
+from densevision.stitch import (
+    BandAssembler,
+    SegmentationStitcher,
+    band_edges,
+    check_blend,
+    class_map,
+    probabilities,
+)
 from densevision.tiling import TileGrid, tiles_with_content, tissue_mask
 
 NODATA = 255
@@ -149,36 +156,58 @@ def _predict_bands(
     if first >= end:
         return None
     r0 = min(r for r, y in enumerate(grid.ys) if y + grid.tile > grid.ys[first])
+    edges = band_edges(grid)
     background = BackgroundCalls()
 
-    def commit(y0: int, logits: np.ndarray, valid: np.ndarray) -> None:
-        if first <= band_of[y0] < end:
-            probs = np.moveaxis(probabilities(logits, valid), 0, -1) if probability_output else None
-            work.put(band_of[y0], y0, class_map(logits, valid, NODATA), probs)
+    def commit(y0: int, cmap: np.ndarray, probs: np.ndarray | None = None) -> None:
+        work.put(band_of[y0], y0, cmap, probs)
+
+    # The stitcher's final cells, reduced to class indices (and probabilities), regrouped into bands [first, end).
+    assembler = BandAssembler(grid.width, edges, commit, bands=(first, end))
+
+    def block(y0: int, x0: int, logits: np.ndarray, valid: np.ndarray) -> None:
+        if y0 >= edges[end] or y0 + valid.shape[0] <= edges[first]:
+            return  # a band this call does not commit
+        if probability_output:
+            assembler(y0, x0, class_map(logits, valid, NODATA), np.moveaxis(probabilities(logits, valid), 0, -1))
+        else:
+            assembler(y0, x0, class_map(logits, valid, NODATA))
 
     stitcher = SegmentationStitcher(
-        grid, predictor.num_classes, blend, lambda y0, lg, v: background.submit(commit, y0, lg, v)
+        grid, predictor.num_classes, blend, lambda y0, x0, lg, v: background.submit(block, y0, x0, lg, v)
     )
     needed = range(r0, end)  # band k is final once tile rows up to k are in
+    added = [bool(keep[t.index]) and t.row in needed for t in tiles]
     kept = [t for t in tiles if keep[t.index]]
     lo = next((i for i, t in enumerate(kept) if t.row >= r0), len(kept))
     hi = next((i for i, t in enumerate(kept) if t.row >= end), len(kept))
     size = runner.batch_size
     dataset.tiles = kept[lo - lo % size : min(len(kept), -(-hi // size) * size)]
-    try:
-        for t in tiles:
-            if not keep[t.index] or t.row not in needed:
+    skipped_to = 0  # tiles before this one that are not added have been skipped
+
+    def skip_until(i: int) -> None:
+        """Skip the tiles before ``i`` that are not added, in row-major order with the added ones (skipping them
+        all up front would complete cells far below, which the assembler would have to hold)."""
+        nonlocal skipped_to
+        for t in tiles[skipped_to:i]:
+            if not added[t.index]:
                 stitcher.skip(t)
+        skipped_to = max(skipped_to, i)
+
+    try:
 
         def consume(indexes: list[int], logits: np.ndarray, valid: np.ndarray) -> None:
             for j, i in enumerate(indexes):
-                if tiles[i].row in needed:  # the others were only computed to keep the batches aligned
+                if added[i]:  # the others were only computed to keep the batches aligned
+                    skip_until(i)
                     stitcher.add(tiles[i], logits[j], valid[j])
 
         stats = runner.run(dataset, predictor, consume) if len(dataset) else None
+        skip_until(len(tiles))
         stitcher.finish()
     finally:
         background.close()
+    assembler.finish()
     return stats
 
 

@@ -1,30 +1,43 @@
-"""Stitching tile predictions back into whole-image results, band by band, never holding the whole image.
+"""Stitching tile predictions back into whole-image results, never holding the whole image.
 
 - :mod:`~densevision.stitch.blend`: blend windows (``crop``, ``gaussian``, ``hann``, ``constant``).
-- :class:`SegmentationStitcher`: blended float32 accumulation of segmentation logits, emitted as finished rows;
-  :class:`ClassMapSink`, :func:`class_map`, :func:`probabilities` turn those rows into writer input.
+- :class:`SegmentationStitcher`: blended float32 accumulation of segmentation logits, each cell emitted as soon as
+  it is final; :class:`BandAssembler` regroups cells into whole-width bands; :class:`ClassMapSink`,
+  :func:`class_map`, :func:`probabilities` turn them into writer input.
+- :class:`DetectionMerger`: streaming NMS / NMM / greedy NMM of per-tile detections into whole objects.
 """
 
 from densevision.stitch.blend import BLEND_MODES, blend_window, check_blend, crop_window, tile_window
+from densevision.stitch.detection import DetectionMerger, Detections, DetectionSink, merge_detections
 from densevision.stitch.segmentation import (
+    BandAssembler,
+    BlockSink,
     ClassMapSink,
     RowSink,
     SegmentationStitcher,
     WindowWriter,
+    band_edges,
     class_map,
     probabilities,
 )
 
 __all__ = [
     "BLEND_MODES",
+    "BandAssembler",
+    "BlockSink",
     "ClassMapSink",
+    "DetectionMerger",
+    "DetectionSink",
+    "Detections",
     "RowSink",
     "SegmentationStitcher",
     "WindowWriter",
+    "band_edges",
     "blend_window",
     "check_blend",
     "class_map",
     "crop_window",
+    "merge_detections",
     "probabilities",
     "tile_window",
 ]
