@@ -55,8 +55,8 @@ class _Outputs:
         self.classes.write(cmap, 0, y0)
         if self.probs is not None and probs is not None:
             self.probs.write(probs, 0, y0)
-        for rows in range(0, len(cmap), 32):  # bincount widens to int64: keep its temporaries to 32 rows
-            self.counts += np.bincount(np.minimum(cmap[rows : rows + 32].ravel(), self.k), minlength=self.k + 1)
+        for r in range(0, len(cmap), 32):  # bincount widens to int64: keep its temporaries to 32 rows
+            self.counts += np.bincount(np.minimum(cmap[r : r + 32].ravel(), self.k), minlength=self.k + 1)
         rows = np.arange(y0, y0 + len(cmap))
         on_grid = rows % self.step == 0
         self.preview[rows[on_grid] // self.step] = cmap[on_grid, :: self.step]
