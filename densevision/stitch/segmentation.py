@@ -187,19 +187,7 @@ class SegmentationStitcher:
             )
 
     def _check_tile(self, tile: Tile) -> None:
-        rows, cols = len(self._ys), len(self._xs)
-        if not (
-            0 <= tile.row < rows
-            and 0 <= tile.col < cols
-            and tile.index == tile.row * cols + tile.col
-            and (tile.x, tile.y) == (self._xs[tile.col], self._ys[tile.row])
-            and tile.width == tile.height == self.grid.tile
-        ):
-            raise InvalidRegionError(
-                f"tile #{tile.index} at ({tile.x}, {tile.y}) is not a tile of this {self.grid.width} x "
-                f"{self.grid.height} grid (tile {self.grid.tile}, overlap {self.grid.overlap}); "
-                "pass the tiles of the grid given to the stitcher"
-            )
+        self.grid.require(tile, "the stitcher")
         if self._seen[tile.index]:
             raise InvalidRegionError(
                 f"tile #{tile.index} (row {tile.row}, col {tile.col}) was already added or skipped; "

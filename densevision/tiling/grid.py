@@ -13,12 +13,13 @@ Consecutive tiles split their overlap at its middle, ``b_i = (p_{i+1} + p_i + T)
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from densevision.errors import ConfigError
+from densevision.errors import ConfigError, InvalidRegionError
 
 
 def axis_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -76,11 +77,11 @@ class TileGrid:
     def stride(self) -> int:
         return self.tile - self.overlap
 
-    @property
+    @functools.cached_property
     def xs(self) -> list[int]:
         return axis_starts(self.width, self.tile, self.stride)
 
-    @property
+    @functools.cached_property
     def ys(self) -> list[int]:
         return axis_starts(self.height, self.tile, self.stride)
 
@@ -92,6 +93,21 @@ class TileGrid:
     def __len__(self) -> int:
         rows, cols = self.shape
         return rows * cols
+
+    def require(self, tile: Tile, user: str) -> None:
+        """Raise InvalidRegionError unless ``tile`` is one of this grid's tiles (``user`` names who was fed it)."""
+        xs, ys = self.xs, self.ys
+        if not (
+            0 <= tile.row < len(ys)
+            and 0 <= tile.col < len(xs)
+            and tile.index == tile.row * len(xs) + tile.col
+            and (tile.x, tile.y) == (xs[tile.col], ys[tile.row])
+            and tile.width == tile.height == self.tile
+        ):
+            raise InvalidRegionError(
+                f"tile #{tile.index} at ({tile.x}, {tile.y}) is not a tile of this {self.width} x {self.height} "
+                f"grid (tile {self.tile}, overlap {self.overlap}); pass the tiles of the grid given to {user}"
+            )
 
     def __iter__(self) -> Iterator[Tile]:
         """Tiles in row-major order (a band of tiles is one row)."""
