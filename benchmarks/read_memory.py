@@ -14,18 +14,17 @@ the command, date, machine and versions.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
-import platform
-import resource
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _common import host, parse_size, peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "benchmarks" / "README.md"
@@ -56,23 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _size(text: str) -> tuple[int, int]:
-    w, _, h = text.lower().partition("x")
-    return int(w), int(h or w)
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB (VmHWM on Linux; ru_maxrss elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
-
-
 # --- children: one fresh process per measurement -----------------------------------------------------------------
 
 
@@ -82,7 +64,7 @@ def child_generate(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {"source": args.source} if args.source else {}
     t0 = time.perf_counter()
     make_slide(args.path, args.width, args.height, tile_size=args.tile_size, quality=args.quality, seed=args.seed, **kw)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
 
 
 def child_read(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,7 +89,7 @@ def child_read(args: argparse.Namespace) -> dict[str, Any]:
         def read(x: int, y: int) -> np.ndarray:
             return np.asarray(handle.read_region((x, y), 0, (w, w)))[..., :3]
 
-    baseline = _peak_rss_mb()
+    baseline = peak_rss_mb()
     checksum = 0
     windows = 0
     t0 = time.perf_counter()
@@ -122,7 +104,7 @@ def child_read(args: argparse.Namespace) -> dict[str, Any]:
         "windows": windows,
         "checksum": checksum,
         "baseline_rss_mb": baseline,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -201,20 +183,8 @@ def machine() -> str:
 
     import densevision
 
-    mem = "?"
-    with contextlib.suppress(OSError, StopIteration):
-        kb = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
-        mem = f"{kb / 2**20:.1f} GiB"
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            x.split(":", 1)[1].strip()
-            for x in Path("/proc/cpuinfo").read_text().splitlines()
-            if x.startswith("model name")
-        )
     return (
-        f"{os.cpu_count()} CPUs ({cpu}), {mem} RAM, {platform.system()} {platform.release()}; Python "
-        f"{platform.python_version()}, densevision {densevision.__version__}, numpy {numpy.__version__}, "
+        f"{host()}, densevision {densevision.__version__}, numpy {numpy.__version__}, "
         f"openslide-python {openslide.__version__} (OpenSlide {openslide.__library_version__}), tifffile "
         f"{tifffile.__version__}, imagecodecs {imagecodecs.__version__}"
     )
@@ -226,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         result = child_generate(args) if args.child == "generate" else child_read(args)
         print(json.dumps(result))
         return 0
-    sizes = sorted((_size(s) for s in args.sizes), key=lambda wh: wh[0] * wh[1])
+    sizes = sorted((parse_size(s) for s in args.sizes), key=lambda wh: wh[0] * wh[1])
     rows = []
     for width, height in sizes:
         print(f"{width} x {height} ...", file=sys.stderr, flush=True)

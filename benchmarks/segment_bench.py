@@ -30,7 +30,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import host, parse_size, peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "benchmarks" / "README.md"
@@ -141,24 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _size(text: str) -> tuple[int, int]:
-    w, _, h = text.lower().partition("x")
-    return int(w), int(h or w)
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB (VmHWM on Linux; ru_maxrss elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
-
-
-def _children_peak_rss_mb() -> float:
+def _childrenpeak_rss_mb() -> float:
     """The largest peak RSS of any finished child (reader workers), MiB; shared copy-on-write pages included."""
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
@@ -178,7 +161,7 @@ def child_slide(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     make_slide(args.path, args.width, args.height, tile_size=args.tile_size, quality=args.quality, seed=args.seed)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
 
 
 def child_geotiff(args: argparse.Namespace) -> dict[str, Any]:
@@ -186,7 +169,7 @@ def child_geotiff(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     make_geotiff(args.path, args.width, args.height, nodata=None, seed=args.seed)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
 
 
 def child_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
@@ -205,7 +188,7 @@ def child_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     palette = [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]]
     meta = {"dataset_meta": {"classes": MMSEG_CLASSES, "palette": palette}, "seed": args.seed}
     save_checkpoint({"state_dict": model.state_dict(), "meta": meta}, str(args.path))
-    return {"parameters": sum(p.numel() for p in model.parameters()), "peak_rss_mb": _peak_rss_mb()}
+    return {"parameters": sum(p.numel() for p in model.parameters()), "peak_rss_mb": peak_rss_mb()}
 
 
 def child_segment(args: argparse.Namespace) -> dict[str, Any]:
@@ -219,7 +202,7 @@ def child_segment(args: argparse.Namespace) -> dict[str, Any]:
         import mmseg.apis  # noqa: F401  (imported before timing, as in the mmseg child)
     else:
         predictor = SaturationConv()
-    baseline = _peak_rss_mb()
+    baseline = peak_rss_mb()
     t0 = time.perf_counter()
     summary = segment_image(
         args.path, config, checkpoint, out=args.out, predictor=predictor, tile=args.tile, overlap=args.overlap,
@@ -234,8 +217,8 @@ def child_segment(args: argparse.Namespace) -> dict[str, Any]:
         "output_size": summary["output_size"],
         "num_classes": len(summary["model"]["classes"]),
         "baseline_rss_mb": baseline,
-        "peak_rss_mb": _peak_rss_mb(),
-        "workers_peak_rss_mb": _children_peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
+        "workers_peak_rss_mb": _childrenpeak_rss_mb(),
     }
 
 
@@ -261,7 +244,7 @@ def child_read(args: argparse.Namespace) -> dict[str, Any]:
     with densevision.open_image(args.path) as src:
         width, height = src.size
     boxes = [(t.x, t.y, t.width) for t in _grid(width, height, args)]
-    baseline = _peak_rss_mb()
+    baseline = peak_rss_mb()
     t0 = time.perf_counter()
     if args.processes <= 1:
         checksum = _read_tiles(str(args.path), boxes)
@@ -276,8 +259,8 @@ def child_read(args: argparse.Namespace) -> dict[str, Any]:
         "tiles": len(boxes),
         "checksum": checksum,
         "baseline_rss_mb": baseline,
-        "peak_rss_mb": _peak_rss_mb(),
-        "workers_peak_rss_mb": _children_peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
+        "workers_peak_rss_mb": _childrenpeak_rss_mb(),
     }
 
 
@@ -291,7 +274,7 @@ def child_reader(args: argparse.Namespace) -> dict[str, Any]:
         geometry = read_geometry(src)
     tiles = list(_grid(width, height, args))
     dataset = TileDataset(args.path, tiles, geometry, {"bands": None})
-    baseline = _peak_rss_mb()
+    baseline = peak_rss_mb()
     t0 = time.perf_counter()
     n = 0
     for _, pixels, _ in tile_loader(dataset, batch_size=args.batch_size, workers=min(args.workers, len(dataset))):
@@ -301,8 +284,8 @@ def child_reader(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": seconds,
         "tiles": n,
         "baseline_rss_mb": baseline,
-        "peak_rss_mb": _peak_rss_mb(),
-        "workers_peak_rss_mb": _children_peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
+        "workers_peak_rss_mb": _childrenpeak_rss_mb(),
     }
 
 
@@ -318,14 +301,14 @@ def child_model(args: argparse.Namespace) -> dict[str, Any]:
         w, h = src.size
         tiles = [src.read_region(((w - t) // 2 + i * t, (h - t) // 2), 0, (t, t)).pixels for i in range(-2, 2)]
     batch = torch.from_numpy(np.stack(tiles).transpose(0, 3, 1, 2).astype(np.float32))[: args.batch_size]
-    baseline = _peak_rss_mb()
+    baseline = peak_rss_mb()
     n = 0
     t0 = time.perf_counter()
     while n < args.model_only_tiles:
         model(batch).float().cpu().numpy()
         n += len(batch)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "tiles": n, "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb()}
+    return {"seconds": seconds, "tiles": n, "baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb()}
 
 
 def child_mmseg(args: argparse.Namespace) -> dict[str, Any]:
@@ -367,7 +350,7 @@ def child_mmseg(args: argparse.Namespace) -> dict[str, Any]:
         "seconds_softmax": t4 - t3,
         "seconds_save": t5 - t4,
         "size": [w, h],
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -406,7 +389,7 @@ def child_compare(args: argparse.Namespace) -> dict[str, Any]:
                     label[theirs > best] = b  # argmax, first maximum wins as in numpy
                     np.maximum(best, theirs, out=best)
                 differ += int((seg.read(1, window=Window(0, y, w, n)) != label).sum())
-    return {"max_abs_diff": diff, "class_differs": differ / (h * w), "peak_rss_mb": _peak_rss_mb()}
+    return {"max_abs_diff": diff, "class_differs": differ / (h * w), "peak_rss_mb": peak_rss_mb()}
 
 
 def _run_child(args: argparse.Namespace, *extra: str, workers: int | None = None) -> dict[str, Any]:
@@ -464,7 +447,7 @@ def _drop_outputs(args: argparse.Namespace, out: Path, *, always: bool = False) 
 
 def part_memory(args: argparse.Namespace) -> str:
     rows = []
-    for width, height in sorted((_size(s) for s in args.sizes), key=lambda wh: wh[0] * wh[1]):
+    for width, height in sorted((parse_size(s) for s in args.sizes), key=lambda wh: wh[0] * wh[1]):
         print(f"memory: {width} x {height} ...", file=sys.stderr, flush=True)
         path, gen = slide(args, width, height)
         out = _out(args, f"memory-{width}x{height}.tif")
@@ -509,7 +492,7 @@ def part_memory(args: argparse.Namespace) -> str:
 
 
 def part_overhead(args: argparse.Namespace) -> str:
-    width, height = _size(args.overhead_size)
+    width, height = parse_size(args.overhead_size)
     print(f"overhead: {width} x {height} ...", file=sys.stderr, flush=True)
     path, _ = slide(args, width, height)
     p = ["--path", str(path)]
@@ -561,7 +544,7 @@ def part_overhead(args: argparse.Namespace) -> str:
 
 
 def part_mmseg(args: argparse.Namespace) -> str:
-    width, height = _size(args.mmseg_size)
+    width, height = parse_size(args.mmseg_size)
     print(f"mmseg: {width} x {height} ...", file=sys.stderr, flush=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     image = args.workdir / f"geotiff-{width}x{height}-s{args.seed}.tif"
@@ -634,20 +617,8 @@ def machine() -> str:
 
     import densevision
 
-    mem = "?"
-    with contextlib.suppress(OSError, StopIteration):
-        kb = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
-        mem = f"{kb / 2**20:.1f} GiB"
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            x.split(":", 1)[1].strip()
-            for x in Path("/proc/cpuinfo").read_text().splitlines()
-            if x.startswith("model name")
-        )
     return (
-        f"{os.cpu_count()} CPUs ({cpu}), {mem} RAM, {platform.system()} {platform.release()}; Python "
-        f"{platform.python_version()}, densevision {densevision.__version__}, torch {torch.__version__} "
+        f"{host()}, densevision {densevision.__version__}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads, CPU), numpy {numpy.__version__}, mmseg {mmseg.__version__}, mmcv "
         f"{mmcv.__version__}, mmengine {mmengine.__version__}, rasterio {rasterio.__version__} (GDAL "
         f"{rasterio.__gdal_version__}), openslide-python {openslide.__version__} (OpenSlide "
@@ -700,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.clean:
         for p in args.workdir.glob("synthetic-*.tiff"):
             with contextlib.suppress(ValueError):
-                w, h = _size(p.name.split("-")[1])
+                w, h = parse_size(p.name.split("-")[1])
                 if w * h > KEEP_SLIDE_PIXELS:
                     p.unlink(missing_ok=True)
                     p.with_suffix(".json").unlink(missing_ok=True)
