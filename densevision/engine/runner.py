@@ -17,8 +17,10 @@ from tqdm import tqdm
 
 from densevision.engine.reader import TileDataset, tile_loader
 
-# (tile indexes, logits B x K x T x T, valid B x T x T) -> None
-BatchConsumer = Callable[[list[int], np.ndarray, np.ndarray], None]
+# (tile indexes, the predictor's output for the batch on the host, valid B x T x T) -> None. Segmentation
+# predictors give logits B x K x T x T (a tensor, handed on as a float32 array); detection predictors give one
+# TileDetections per tile, handed on as they are.
+BatchConsumer = Callable[[list[int], Any, np.ndarray], None]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -87,9 +89,7 @@ class TileRunner:
     amp: bool = False
     progress: bool = True
 
-    def run(
-        self, dataset: TileDataset, predict: Callable[[torch.Tensor], torch.Tensor], consume: BatchConsumer
-    ) -> RunStats:
+    def run(self, dataset: TileDataset, predict: Callable[[torch.Tensor], Any], consume: BatchConsumer) -> RunStats:
         stats = RunStats()
         start = time.perf_counter()
         cuda = self.device.type == "cuda"
@@ -103,8 +103,8 @@ class TileRunner:
                 t0 = time.perf_counter()
                 stats.seconds_waiting_for_tiles += t0 - waited
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    logits = predict(pixels.to(self.device, non_blocking=cuda))
-                out = logits.float().cpu().numpy()
+                    result = predict(pixels.to(self.device, non_blocking=cuda))
+                out = result.float().cpu().numpy() if isinstance(result, torch.Tensor) else result
                 t1 = time.perf_counter()
                 stats.seconds_predicting += t1 - t0
                 consume(index.tolist(), out, valid.numpy())

@@ -9,14 +9,8 @@ import torch
 
 from densevision.compat import patch_mmengine
 from densevision.errors import CheckpointError, ConfigError
-
-
-def _palette(meta: dict[str, Any], k: int) -> tuple[tuple[int, int, int], ...]:
-    palette = meta.get("palette") or []
-    if len(palette) >= k:
-        return tuple(tuple(int(v) for v in c[:3]) for c in palette[:k])  # type: ignore[misc]
-    rng = torch.Generator().manual_seed(k)
-    return tuple(tuple(int(v) for v in torch.randint(0, 256, (3,), generator=rng)) for _ in range(k))  # type: ignore[misc]
+from densevision.predictors.base import class_palette
+from densevision.predictors.weights import load_weights
 
 
 class MMSegPredictor:
@@ -35,7 +29,7 @@ class MMSegPredictor:
                 f"the checkpoint names {len(classes)} classes but the model's head predicts {self.num_classes}"
             )
         self.class_names = tuple(str(c) for c in classes)
-        self.palette = _palette(meta, self.num_classes)
+        self.palette = class_palette(meta, self.num_classes)
         # Hierarchical backbones (Swin, ConvNeXt, ResNet) reduce by 32: tiles aligned to it keep features aligned.
         self.size_divisor = int(getattr(model.data_preprocessor, "size_divisor", None) or 32)
         self.device = next(model.parameters()).device
@@ -61,8 +55,10 @@ class MMSegPredictor:
         cfg = Config.fromfile(os.fspath(config))
         if cfg_options:
             cfg.merge_from_dict(cfg_options)
-        model = init_model(cfg, os.fspath(checkpoint) if checkpoint else None, device=str(device))
-        return cls(model)
+        model = init_model(cfg, None, device="cpu")
+        if checkpoint is not None:
+            model.dataset_meta = load_weights(model, checkpoint) or None
+        return cls(model.to(device))
 
     @torch.no_grad()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,120 @@
+"""Any mmdetection detector (boxes, and masks where it has a mask head) built from its config as a tile predictor."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from densevision.compat import patch_mmengine
+from densevision.errors import CheckpointError, ConfigError
+from densevision.predictors.base import TileDetections, class_palette
+from densevision.predictors.weights import load_weights
+
+
+def _num_classes(model: Any) -> int | None:
+    """The class count of the detector's head(s), as the config set it."""
+    for head in ("bbox_head", "roi_head"):
+        h = getattr(model, head, None)
+        if h is None:
+            continue
+        if head == "roi_head":
+            h = getattr(h, "bbox_head", None)
+        n = getattr(h, "num_classes", None)
+        if isinstance(n, int):
+            return n
+    return None
+
+
+class MMDetPredictor:
+    """Wraps an mmdet detector: tiles in, boxes / scores / labels (/ masks) per tile out, in tile pixels.
+
+    Tiles are fed at their own size (the engine picks the resolution with ``--level`` / ``--mpp``), flipped to BGR
+    for three-band images as mmdet's loader would have produced them; the detector's ``data_preprocessor``
+    normalises and pads as in training. Detections scoring below ``score_threshold`` are dropped here, before
+    anything is copied off the device.
+    """
+
+    def __init__(self, model: Any, *, score_threshold: float = 0.3) -> None:  # an mmdet BaseDetector
+        if not 0 <= score_threshold <= 1:
+            raise ConfigError(f"score threshold must be in [0, 1], got {score_threshold}")
+        self.model = model.eval()
+        self.score_threshold = float(score_threshold)
+        meta = dict(getattr(model, "dataset_meta", None) or {})
+        k = _num_classes(model)
+        classes = list(meta.get("classes") or [])
+        if k is not None and len(classes) != k:
+            if classes:
+                raise ConfigError(
+                    f"the checkpoint (or the config's dataset) names {len(classes)} classes but the model's head "
+                    f"predicts {k}; use the config the checkpoint was trained with"
+                )
+            classes = [f"class_{i}" for i in range(k)]
+        self.class_names = tuple(str(c) for c in classes)
+        self.palette = class_palette(meta, len(self.class_names))
+        self.size_divisor = max(1, int(getattr(model.data_preprocessor, "pad_size_divisor", 1) or 1))
+        self.has_masks = bool(getattr(model, "with_mask", False)) or hasattr(model, "mask_head")
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_config(
+        cls,
+        config: str | os.PathLike[str],
+        checkpoint: str | os.PathLike[str] | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        cfg_options: dict[str, Any] | None = None,
+        score_threshold: float = 0.3,
+    ) -> MMDetPredictor:
+        """Build the detector from an mmdet config file and load the checkpoint (strict, through the safe loader).
+        Class names come from the checkpoint's ``dataset_meta``; without one, from the config's dataset."""
+        import warnings
+
+        from mmdet.apis import init_detector
+        from mmengine.config import Config
+
+        if not os.path.isfile(config):
+            raise ConfigError(f"{config}: no such config file; pass an mmdetection config with -c")
+        if checkpoint is not None and not os.path.isfile(checkpoint):
+            raise CheckpointError(f"{checkpoint}: no such checkpoint file; check the -w path")
+        patch_mmengine()
+        cfg = Config.fromfile(os.fspath(config))
+        if cfg_options:
+            cfg.merge_from_dict(cfg_options)
+        with warnings.catch_warnings(record=True):  # "checkpoint is None": we load it ourselves, strictly
+            model = init_detector(cfg, None, device="cpu")
+        meta: dict[str, Any] = {}
+        if checkpoint is not None:
+            meta = load_weights(model, checkpoint)
+        if not meta.get("classes"):
+            dataset = (cfg.get("test_dataloader") or {}).get("dataset") or {}
+            meta = dict(dataset.get("metainfo") or {}) if isinstance(dataset, dict) else {}
+        model.dataset_meta = meta
+        return cls(model.to(device), score_threshold=score_threshold)
+
+    @torch.no_grad()
+    def __call__(self, batch: torch.Tensor) -> list[TileDetections]:
+        from mmdet.structures import DetDataSample
+
+        inputs = batch[:, [2, 1, 0]] if batch.shape[1] == 3 else batch
+        h, w = batch.shape[-2:]
+        meta = {"img_shape": (h, w), "ori_shape": (h, w), "scale_factor": (1.0, 1.0)}
+        samples = [DetDataSample(metainfo=meta) for _ in range(len(batch))]
+        data = self.model.data_preprocessor({"inputs": list(inputs), "data_samples": samples}, False)
+        results = self.model.predict(data["inputs"], data["data_samples"], rescale=True)
+        out = []
+        for r in results:
+            p = r.pred_instances
+            keep = p.scores >= self.score_threshold
+            masks = p.masks[keep].bool().cpu().numpy() if self.has_masks and "masks" in p else None
+            out.append(
+                TileDetections(
+                    boxes=p.bboxes[keep].double().cpu().numpy().reshape(-1, 4),
+                    scores=p.scores[keep].double().cpu().numpy(),
+                    labels=p.labels[keep].cpu().numpy().astype(np.int64),
+                    masks=masks,
+                )
+            )
+        return out

@@ -1,0 +1,64 @@
+"""A detector whose right answer is known: connected blobs of given colours, one class per colour."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from densevision.predictors.base import TileDetections
+
+
+class ColourDetector:
+    """Finds connected regions whose pixels are within ``tolerance`` of a class colour (per band), and reports each
+    as one detection: its tight box in tile pixels, score 0.9, and its mask when ``masks``. The classic stand-in
+    for a perfectly trained detector of planted objects."""
+
+    size_divisor = 1
+    device = torch.device("cpu")
+
+    def __init__(
+        self,
+        colours: dict[str, tuple[int, ...]],
+        *,
+        tolerance: int = 0,
+        masks: bool = False,
+        min_pixels: int = 4,
+        fail_after: int | None = None,
+    ) -> None:
+        self.class_names = tuple(colours)
+        self.colours = [np.array(c, dtype=np.float32) for c in colours.values()]
+        self.palette = tuple(tuple(int(v) for v in c[:3]) for c in colours.values())
+        self.tolerance, self.has_masks, self.min_pixels = tolerance, masks, min_pixels
+        self.fail_after, self.calls = fail_after, 0
+
+    def __call__(self, batch: torch.Tensor) -> list[TileDetections]:
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("simulated crash")
+        self.calls += 1
+        out = []
+        for chw in batch.cpu().numpy():
+            hwc = chw.transpose(1, 2, 0)
+            boxes, labels, masks = [], [], []
+            for label, colour in enumerate(self.colours):
+                hit = (np.abs(hwc - colour) <= self.tolerance).all(axis=-1)
+                blobs, _ = ndimage.label(hit)
+                for k, sl in enumerate(ndimage.find_objects(blobs), start=1):
+                    if sl is None:
+                        continue
+                    mask = blobs == k
+                    if mask.sum() < self.min_pixels:
+                        continue
+                    boxes.append([sl[1].start, sl[0].start, sl[1].stop, sl[0].stop])
+                    labels.append(label)
+                    masks.append(mask)
+            n = len(boxes)
+            out.append(
+                TileDetections(
+                    boxes=np.array(boxes, dtype=np.float64).reshape(n, 4),
+                    scores=np.full(n, 0.9),
+                    labels=np.array(labels, dtype=np.int64),
+                    masks=np.array(masks, dtype=bool).reshape(n, *hwc.shape[:2]) if self.has_masks else None,
+                )
+            )
+        return out

@@ -1,0 +1,194 @@
+"""detect_objects end to end: planted objects straddling tile borders and corners are found once, whole, in the
+image's coordinates (CRS for rasters, QuPath level-0 pixels for slides); resume; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from colour_detector import ColourDetector
+from pycocotools import mask as mask_utils
+from rasterio.features import rasterize
+from rasterio.warp import transform as warp_transform
+
+from densevision import detect_objects
+from densevision.errors import ConfigError
+from densevision.io.synthetic import Planted, make_geotiff, make_slide
+from densevision.tiling import TileGrid
+
+TILE, OVERLAP = 256, 64
+COLOURS = {"magenta": (255, 0, 255), "cyan": (0, 255, 255)}
+
+
+def straddling_objects(width: int, height: int, seed: int = 0) -> list[Planted]:
+    """Objects centred on tile corners, on tile borders and inside tiles of the detection grid, 20..44 px (less
+    than the overlap, so some tile sees each whole, and apart), alternating rectangles and ellipses of two colours."""
+    grid = TileGrid(width, height, TILE, OVERLAP)
+    rng = np.random.default_rng(seed)
+    centres = []
+    for r, y in enumerate(grid.ys[1:], start=1):
+        for c, x in enumerate(grid.xs[1:], start=1):
+            kind = (r + c) % 3
+            if kind == 0:
+                centres.append((x, y))  # on a tile corner: cut by the starts of a tile row and column
+            elif kind == 1:
+                centres.append((x + 100, y + OVERLAP))  # across the bottom end of the tile row above
+            else:
+                centres.append((x + OVERLAP, y + 100))  # across the right end of the tile column to the left
+    out = []
+    for i, (cx, cy) in enumerate(centres):
+        w, h = (int(v) for v in rng.integers(20, 45, size=2))
+        x0, y0 = int(cx - w // 2), int(cy - h // 2)
+        name = list(COLOURS)[i % 2]
+        shape = "ellipse" if i % 3 == 0 else "rect"
+        out.append(Planted(x0, y0, x0 + w, y0 + h, color=COLOURS[name], shape=shape, label=name))
+    return out
+
+
+@pytest.fixture(scope="module")
+def scene(data_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("detect") / "scene.tif"
+    planted = make_geotiff(path, 1400, 1000, plant=straddling_objects(1400, 1000), seed=3)
+    return path, planted
+
+
+def pixel_bounds(feature_coords: np.ndarray, transform) -> np.ndarray:
+    cols, rows = ~transform @ (feature_coords[:, 0], feature_coords[:, 1])
+    return np.array([np.min(cols), np.min(rows), np.max(cols), np.max(rows)])
+
+
+def match_once(found: np.ndarray, planted: list[Planted], tol: float = 2.0) -> None:
+    """Every planted box is matched by exactly one found box within ``tol`` pixels, and nothing else was found."""
+    truth = np.array([p.box for p in planted], dtype=float)
+    diff = np.abs(found[:, None, :] - truth[None, :, :]).max(axis=-1)  # found x planted
+    close = diff <= tol
+    assert (close.sum(axis=0) == 1).all(), f"planted objects found {close.sum(axis=0).tolist()} times"
+    assert (close.sum(axis=1) == 1).all(), "a detection matches no planted object"
+    assert len(found) == len(planted)
+
+
+def test_planted_objects_found_once_in_crs(scene, tmp_path):
+    path, planted = scene
+    out = tmp_path / "objects.geojson"
+    summary = detect_objects(
+        path, out=out, predictor=ColourDetector(COLOURS), tile=TILE, overlap=OVERLAP, workers=0,
+        native_crs=True, coco_out=tmp_path / "coco.json", progress=False,
+    )  # fmt: skip
+    assert len(planted) > 20
+    fc = json.loads(out.read_text())
+    assert fc["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32618"
+    with rasterio.open(path) as ds:
+        transform = ds.transform
+    found = np.array([pixel_bounds(np.array(f["geometry"]["coordinates"][0]), transform) for f in fc["features"]])
+    match_once(found, planted, tol=1e-6)  # the colour detector is exact, and so must the merge be
+    labels = {p.label for p in planted}
+    assert {f["properties"]["class"] for f in fc["features"]} == labels
+    assert summary["detections"]["objects"] == len(planted)
+    assert summary["detections"]["raw"] > len(planted)  # objects in overlaps were seen by several tiles
+    counts = {c["name"]: c["count"] for c in summary["classes"]}
+    assert counts == {n: sum(p.label == n for p in planted) for n in COLOURS}
+    coco = json.loads((tmp_path / "coco.json").read_text())
+    assert len(coco) == len(planted)
+    boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in coco)])
+    match_once(boxes, planted, tol=1e-6)
+    assert (tmp_path / "objects.preview.png").is_file()
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_wgs84_coordinates_are_the_crs_corners_reprojected(scene, tmp_path):
+    path, planted = scene
+    out = tmp_path / "wgs84.geojson"
+    detect_objects(path, out=out, predictor=ColourDetector(COLOURS), tile=TILE, overlap=OVERLAP, workers=0,
+                   progress=False)  # fmt: skip
+    fc = json.loads(out.read_text())
+    assert "crs" not in fc
+    with rasterio.open(path) as ds:
+        transform, crs = ds.transform, ds.crs
+    p = planted[0]
+    cols, rows = np.array([p.x0, p.x1, p.x1, p.x0]), np.array([p.y0, p.y0, p.y1, p.y1])
+    xs, ys = transform @ (cols, rows)
+    corners = np.array(warp_transform(crs, "EPSG:4326", list(xs), list(ys))).T
+    vertices = np.concatenate([np.array(f["geometry"]["coordinates"][0]) for f in fc["features"]])
+    for corner in corners:  # each corner of the box, reprojected, is a vertex of one feature
+        assert np.abs(vertices - corner).max(axis=1).min() < 1e-9
+
+
+def test_masks_are_united_across_tiles(scene, tmp_path):
+    path, planted = scene
+    out = tmp_path / "instances.geojson"
+    detect_objects(
+        path, out=out, predictor=ColourDetector(COLOURS, masks=True), tile=TILE, overlap=OVERLAP, workers=0,
+        native_crs=True, coco_out=tmp_path / "coco.json", progress=False,
+    )  # fmt: skip
+    with rasterio.open(path) as ds:
+        inverse = ~ds.transform
+    shapes = [
+        shapely.transform(shapely.geometry.shape(f["geometry"]), lambda xy: np.stack(inverse @ tuple(xy.T), axis=1))
+        for f in json.loads(out.read_text())["features"]
+    ]
+    assert len(shapes) == len(planted)
+    for p in planted:
+        truth = p.mask(p.x0, p.y0, p.x1 - p.x0, p.y1 - p.y0)
+        shape = min(shapes, key=lambda s: shapely.distance(s.centroid, shapely.box(*p.box).centroid))
+        drawn = rasterize([shape], out_shape=truth.shape, transform=rasterio.Affine.translation(p.x0, p.y0)) > 0
+        assert (drawn == truth).all(), p  # pixel-exact outline, also for objects cut by tile borders
+    coco = json.loads((tmp_path / "coco.json").read_text())
+    total = sum(int(mask_utils.area(r["segmentation"])) for r in coco)
+    assert total == sum(p.area for p in planted)
+
+
+def test_resume_after_a_crash_gives_the_same_file(scene, tmp_path):
+    path, _ = scene
+    options = dict(tile=TILE, overlap=OVERLAP, workers=0, batch_size=3, progress=False)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = detect_objects(path, out=tmp_path / "a" / "o.geojson", predictor=ColourDetector(COLOURS), **options)
+    out = tmp_path / "b" / "o.geojson"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        detect_objects(path, out=out, predictor=ColourDetector(COLOURS, fail_after=7), **options)
+    assert not out.exists()
+    work = tmp_path / "b" / "o.geojson.partial.d"
+    done = len(list(work.glob("row-*.npz")))
+    assert 0 < done < whole["tiles"]["total"] // 6
+    with pytest.raises(ConfigError, match="--resume"):
+        detect_objects(path, out=out, predictor=ColourDetector(COLOURS), **options)
+    resumed = detect_objects(path, out=out, predictor=ColourDetector(COLOURS), resume=True, **options)
+    assert resumed["resumed"]["rows_already_done"] == done
+    assert out.read_bytes() == (tmp_path / "a" / "o.geojson").read_bytes()
+    assert not work.exists()
+
+
+def test_slide_gives_qupath_features_in_level0_pixels(data_dir, tmp_path):
+    slide = tmp_path / "slide.tiff"
+    planted = make_slide(slide, 1400, 1000, plant=straddling_objects(1400, 1000, seed=1), seed=2, quality=95)
+    for level, tol in ((0, 2.0), (1, 4.0)):
+        out = tmp_path / f"level{level}.geojson"
+        summary = detect_objects(
+            slide, out=out, predictor=ColourDetector(COLOURS, tolerance=60, min_pixels=20), tile=TILE // (1 + level),
+            overlap=OVERLAP // (1 + level), level=level, workers=0, skip_empty=False, progress=False,
+        )  # fmt: skip
+        assert summary["coordinates"] == "level-0 pixels (QuPath)"
+        features = json.loads(out.read_text())["features"]
+        assert all(f["properties"]["objectType"] == "detection" for f in features)
+        assert {f["properties"]["classification"]["name"] for f in features} == set(COLOURS)
+        assert all(len(f["id"]) == 36 for f in features)  # QuPath wants UUIDs
+        found = np.array([shapely.geometry.shape(f["geometry"]).bounds for f in features])
+        match_once(found, planted, tol=tol)
+
+
+def test_bad_input_fails_before_work(scene, tmp_path):
+    path, _ = scene
+    det = ColourDetector(COLOURS)
+    with pytest.raises(ConfigError, match=r"\.geojson"):
+        detect_objects(path, out=tmp_path / "o.tif", predictor=det)
+    with pytest.raises(ConfigError, match="merge method"):
+        detect_objects(path, out=tmp_path / "o.geojson", predictor=det, merge="wbf")
+    with pytest.raises(ConfigError, match="no mask head"):
+        detect_objects(path, out=tmp_path / "o.geojson", predictor=det, masks=True)
+    with pytest.raises(ConfigError, match="needs a model"):
+        detect_objects(path, out=tmp_path / "o.geojson")
+    assert det.calls == 0
+    assert not list(tmp_path.iterdir())
