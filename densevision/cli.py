@@ -109,6 +109,50 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_detect(args: argparse.Namespace) -> int:
+    from densevision.apis import detect_objects, segment_instances
+
+    run = segment_instances if args.command == "instances" else detect_objects
+    options: dict[str, Any] = {"sam_checkpoint": args.sam} if args.command == "instances" else {"masks": args.masks}
+    summary = run(
+        args.input,
+        args.config,
+        args.checkpoint,
+        out=args.out,
+        tile=args.tile,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        level=args.level,
+        mpp=args.mpp,
+        bands=args.bands,
+        value_range=tuple(args.value_range) if args.value_range else None,
+        device=args.device,
+        amp=args.amp,
+        workers=args.workers,
+        score_threshold=args.score_threshold,
+        merge=args.merge,
+        match=args.match,
+        match_threshold=args.match_threshold,
+        class_agnostic=args.class_agnostic,
+        skip_empty=not args.keep_empty,
+        coco_out=args.coco,
+        native_crs=args.native_crs,
+        cfg_options=_cfg_options(args.cfg_options),
+        trust_checkpoint=args.trust_checkpoint,
+        resume=args.resume,
+        progress=not args.quiet,
+        **options,
+    )
+    t, d = summary["tiles"], summary["detections"]
+    print(f"objects: {summary['output']} ({d['objects']} objects from {d['raw']} tile detections)")
+    if summary["coco"]:
+        print(f"coco results: {summary['coco']}")
+    print(f"preview: {summary['preview']}")
+    print(f"tiles: {t['done']} done, {t['skipped']} skipped as empty, of {t['total']}")
+    print(f"summary: {summary['summary']}")
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", required=True, help="mmsegmentation / mmdetection config file (.py)")
     p.add_argument("-w", "--checkpoint", help="model weights (.pth); without it the model keeps its initialisation")
@@ -120,10 +164,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action="store_true", help="run the model in bfloat16 autocast (GPUs with bf16)")
 
 
-def _add_tiling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tile", type=int, default=512, help="tile size in working pixels (default: 512)")
-    p.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring tiles (default: 64)")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per model call (default: 4)")
+def _add_tiling_args(p: argparse.ArgumentParser, tile: int = 512, overlap: int = 64, batch: int = 4) -> None:
+    p.add_argument("--tile", type=int, default=tile, help=f"tile size in working pixels (default: {tile})")
+    p.add_argument(
+        "--overlap", type=int, default=overlap, help=f"pixels shared by neighbouring tiles (default: {overlap})"
+    )
+    p.add_argument("--batch-size", type=int, default=batch, help=f"tiles per model call (default: {batch})")
     p.add_argument("--workers", type=int, default=2, help="reader processes (default: 2)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--level", type=int, help="pyramid level to work at (default: 0, full resolution)")
@@ -166,6 +212,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue an interrupted run from its OUT.partial.d work folder"
     )
     seg.set_defaults(func=cmd_segment)
+
+    for name, text in (
+        ("detect", "detect objects over a whole slide or scene with an mmdetection model"),
+        ("instances", "instance masks over a whole slide or scene: detector boxes prompting SAM"),
+    ):
+        det = sub.add_parser(name, help=text)
+        det.add_argument("input", metavar="INPUT", help="slide, raster or image")
+        det.add_argument("-o", "--out", required=True, help="objects (.geojson); summary and preview go beside it")
+        _add_model_args(det)
+        if name == "instances":
+            det.add_argument(
+                "--sam", metavar="SAM_CHECKPOINT",
+                help="official SAM checkpoint (vit_b / vit_l / vit_h); without it the detector's own masks are used",
+            )  # fmt: skip
+        else:
+            det.add_argument(
+                "--masks", action=argparse.BooleanOptionalAction, default=None,
+                help="outline objects with the detector's masks (default: when it has a mask head)",
+            )  # fmt: skip
+        _add_tiling_args(det, tile=1024, overlap=128, batch=2)
+        det.add_argument("--score-threshold", type=float, default=0.3, help="drop detections below (default: 0.3)")
+        det.add_argument(
+            "--merge", default="nmm", choices=["nms", "nmm", "greedy_nmm"],
+            help="how detections of one object from overlapping tiles are merged (default: nmm)",
+        )  # fmt: skip
+        det.add_argument(
+            "--match", default="ios", choices=["iou", "ios"],
+            help="match by intersection over union, or over the smaller box (default: ios)",
+        )  # fmt: skip
+        det.add_argument("--match-threshold", type=float, default=0.5, help="match above this (default: 0.5)")
+        det.add_argument("--class-agnostic", action="store_true", help="merge detections of different classes too")
+        det.add_argument("--coco", metavar="RESULTS_JSON", help="also write COCO results JSON (level-0 pixels)")
+        det.add_argument(
+            "--native-crs", action="store_true", help="rasters: keep the raster's CRS instead of WGS84 lon/lat"
+        )
+        det.add_argument(
+            "--resume", action="store_true", help="continue an interrupted run from its OUT.partial.d work folder"
+        )
+        det.set_defaults(func=cmd_detect)
     return parser
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
-from colour_detector import ColourDetector
+from colour_detector import ColourDetector, ColourSam
 from pycocotools import mask as mask_utils
 from rasterio.features import rasterize
 from rasterio.warp import transform as warp_transform
 
-from densevision import detect_objects
+from densevision import detect_objects, segment_instances
 from densevision.errors import ConfigError
 from densevision.io.synthetic import Planted, make_geotiff, make_slide
 from densevision.tiling import TileGrid
@@ -77,7 +77,7 @@ def test_planted_objects_found_once_in_crs(scene, tmp_path):
         path, out=out, predictor=ColourDetector(COLOURS), tile=TILE, overlap=OVERLAP, workers=0,
         native_crs=True, coco_out=tmp_path / "coco.json", progress=False,
     )  # fmt: skip
-    assert len(planted) > 20
+    assert len(planted) > 20 and summary["model"]["masks"] is None
     fc = json.loads(out.read_text())
     assert fc["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32618"
     with rasterio.open(path) as ds:
@@ -116,13 +116,21 @@ def test_wgs84_coordinates_are_the_crs_corners_reprojected(scene, tmp_path):
         assert np.abs(vertices - corner).max(axis=1).min() < 1e-9
 
 
-def test_masks_are_united_across_tiles(scene, tmp_path):
+@pytest.mark.parametrize("masks_from", ["detector", "sam"])
+def test_instance_outlines_are_pixel_exact_across_tiles(scene, tmp_path, masks_from):
+    """The detector's own masks (pieces of objects cut by tile borders united) or a box-prompted mask model
+    (prompted once per merged object, in a window that holds it whole) give each planted object's exact outline."""
     path, planted = scene
     out = tmp_path / "instances.geojson"
-    detect_objects(
-        path, out=out, predictor=ColourDetector(COLOURS, masks=True), tile=TILE, overlap=OVERLAP, workers=0,
-        native_crs=True, coco_out=tmp_path / "coco.json", progress=False,
-    )  # fmt: skip
+    options = dict(tile=TILE, overlap=OVERLAP, workers=0, native_crs=True, coco_out=tmp_path / "coco.json")
+    if masks_from == "detector":
+        summary = segment_instances(path, out=out, predictor=ColourDetector(COLOURS, masks=True), **options)
+    else:
+        sam = ColourSam(COLOURS)
+        summary = segment_instances(path, out=out, predictor=ColourDetector(COLOURS), sam_predictor=sam, **options)
+        assert summary["timings"]["sam_windows"] == len(sam.windows) <= summary["tiles"]["total"]
+        assert all(shape == (TILE, TILE) for shape in sam.windows)
+    assert summary["model"]["masks"] == masks_from
     with rasterio.open(path) as ds:
         inverse = ~ds.transform
     shapes = [
@@ -187,7 +195,7 @@ def test_bad_input_fails_before_work(scene, tmp_path):
     with pytest.raises(ConfigError, match="merge method"):
         detect_objects(path, out=tmp_path / "o.geojson", predictor=det, merge="wbf")
     with pytest.raises(ConfigError, match="no mask head"):
-        detect_objects(path, out=tmp_path / "o.geojson", predictor=det, masks=True)
+        segment_instances(path, out=tmp_path / "o.geojson", predictor=det)
     with pytest.raises(ConfigError, match="needs a model"):
         detect_objects(path, out=tmp_path / "o.geojson")
     assert det.calls == 0

@@ -38,9 +38,12 @@ from densevision.engine.records import RecordFolder
 from densevision.engine.runner import RunStats, TileRunner, resolve_device
 from densevision.errors import ConfigError
 from densevision.io import CocoResultsWriter, GeoJsonWriter, ImageSource, open_image
+from densevision.io.scaling import ValueScale
+from densevision.io.source import resize_region
 from densevision.io.writers._atomic import check_output_path
 from densevision.predictors.base import DetectionPredictor, TileDetections
 from densevision.stitch import DetectionMerger, Detections
+from densevision.stitch.instances import PromptWindow, mask_to_polygons, prompt_windows
 from densevision.tiling import TileGrid
 
 
@@ -73,8 +76,6 @@ class _RowRecorder:
             self.next_row += 1
 
     def _commit(self, row: int) -> None:
-        from densevision.stitch.instances import mask_to_polygons
-
         d = self.d
         parts, self.parts = self.parts, []
         n = [len(p[1]) for p in parts]
@@ -363,7 +364,7 @@ def detect_objects(
         )  # fmt: skip
         coco = CocoResultsWriter(coco_path) if coco_path is not None else None
         outputs = _ObjectOutputs(src, geojson, coco, names, predictor.palette, preview, preview_scale)
-        sam_seconds = 0.0
+        sam_seconds, sam_windows = 0.0, 0
         try:
             if sam_predictor is None:
 
@@ -384,7 +385,9 @@ def detect_objects(
                     work, grid, keep, geometry.downsample, False, merge_options, lambda d, _: found.append(d)
                 )
                 sam_started = time.perf_counter()
-                _prompt_sam(src, geometry, grid, value_scale, Detections.concatenate(found), sam_predictor, outputs)
+                sam_windows = _prompt_sam(
+                    src, geometry, grid, value_scale, Detections.concatenate(found), sam_predictor, outputs
+                )
                 sam_seconds = time.perf_counter() - sam_started
             geojson.close()
             if coco is not None:
@@ -432,7 +435,8 @@ def detect_objects(
         "classes": [{"index": i, "name": n, "count": int(outputs.counts[i])} for i, n in enumerate(names)],
         "pixel_area": {"value": area[0], "unit": area[1]} if area else None,
         "timings": {
-            **(stats.as_dict() if stats else {}), "seconds_merging": merge_seconds, "seconds_sam": sam_seconds,
+            **(stats.as_dict() if stats else {}), "seconds_merging": merge_seconds,
+            "seconds_sam": sam_seconds, "sam_windows": sam_windows,
             "seconds_wall": time.perf_counter() - started,
         },
         "versions": versions(),
@@ -445,8 +449,44 @@ def detect_objects(
     return summary
 
 
-def _prompt_sam(*args: Any) -> None:
-    raise NotImplementedError
+def _window_rgb(
+    src: ImageSource, geometry: ReadGeometry, window: PromptWindow, value_scale: ValueScale | None
+) -> np.ndarray:
+    """The window's pixels as ``h x w x 3`` uint8 RGB (what SAM takes); invalid pixels black."""
+    d = geometry.downsample
+    lw = geometry.level_per_working
+    region = src.read_region((round(window.x * d), round(window.y * d)), geometry.level,
+                             (round(window.w * lw), round(window.h * lw)))  # fmt: skip
+    if region.pixels.shape[1::-1] != window.size:
+        region = resize_region(region, window.size)
+    pixels = value_scale(region.pixels) if value_scale is not None else region.pixels
+    pixels = np.where(region.valid[..., None], pixels, 0)
+    if pixels.shape[-1] < 3:
+        pixels = np.repeat(pixels[..., :1], 3, axis=-1)
+    return np.clip(pixels[..., :3], 0, 255).astype(np.uint8)
+
+
+def _prompt_sam(
+    src: ImageSource,
+    geometry: ReadGeometry,
+    grid: TileGrid,
+    value_scale: ValueScale | None,
+    dets: Detections,
+    sam: Any,
+    outputs: _ObjectOutputs,
+) -> int:
+    """Prompt SAM once per merged object, in a window that contains it whole (a grid tile where one does, else a
+    window around it read at a lower resolution); returns the number of windows."""
+    d = geometry.downsample
+    windows = prompt_windows(dets.boxes, grid, d)
+    for window in windows:
+        masks, _ = sam(_window_rgb(src, geometry, window, value_scale), window.local_boxes(dets.boxes, d))
+        for mask, k in zip(masks, window.indices.tolist(), strict=True):
+            geom = mask_to_polygons(mask, offset=window.offset(d), scale=window.pixel(d))
+            outputs.add(
+                dets.boxes[k], dets.scores[k], int(dets.labels[k]), bool(dets.partial[k]), len(dets.sources(k)), geom
+            )
+    return len(windows)
 
 
 def segment_instances(
