@@ -5,10 +5,13 @@
   it is final; :class:`BandAssembler` regroups cells into whole-width bands; :class:`ClassMapSink`,
   :func:`class_map`, :func:`probabilities` turn them into writer input.
 - :class:`DetectionMerger`: streaming NMS / NMM / greedy NMM of per-tile detections into whole objects.
+- :mod:`~densevision.stitch.instances`: masks to whole-image polygons (:func:`mask_to_polygons`), pieces of one
+  object joined (:func:`merge_instance_polygons`), one window per merged box to prompt it in (:func:`prompt_windows`).
 """
 
 from densevision.stitch.blend import BLEND_MODES, blend_window, check_blend, crop_window, tile_window
 from densevision.stitch.detection import DetectionMerger, Detections, DetectionSink, merge_detections
+from densevision.stitch.instances import PromptWindow, mask_to_polygons, merge_instance_polygons, prompt_windows
 from densevision.stitch.segmentation import (
     BandAssembler,
     BlockSink,
@@ -29,6 +32,7 @@ __all__ = [
     "DetectionMerger",
     "DetectionSink",
     "Detections",
+    "PromptWindow",
     "RowSink",
     "SegmentationStitcher",
     "WindowWriter",
@@ -37,7 +41,10 @@ __all__ = [
     "check_blend",
     "class_map",
     "crop_window",
+    "mask_to_polygons",
     "merge_detections",
+    "merge_instance_polygons",
     "probabilities",
+    "prompt_windows",
     "tile_window",
 ]

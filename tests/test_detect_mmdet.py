@@ -1,0 +1,120 @@
+"""A real mmdet DINO (the project's config, a checkpoint the test writes) through detect_objects: per tile it gives
+what mmdet's own ``inference_detector`` gives on the same crop, and the merged objects are those crops' detections
+merged in image coordinates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from densevision import detect_objects
+from densevision.errors import CheckpointError
+from densevision.io.synthetic import make_geotiff
+from densevision.predictors.mmdet import MMDetPredictor
+from densevision.stitch import merge_detections
+from densevision.tiling import TileGrid
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detection" / "dino_swin-t_fpn_coco.py"
+CLASSES = ("ship", "tank")
+SIZE = (400, 256)  # two 256-px tiles side by side, overlapping by 112 px
+TILE, OVERLAP, THRESHOLD = 256, 112, 0.5
+# Few queries keep the CPU time down; the architecture is the config's.
+OPTIONS = {"model.num_queries": 100, "model.bbox_head.num_classes": len(CLASSES), "model.test_cfg.max_per_img": 100}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A DINO checkpoint in mmengine's layout (state_dict + meta with dataset_meta and numpy values)."""
+    from mmdet.apis import init_detector
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(CONFIG)
+    cfg.merge_from_dict(OPTIONS)
+    torch.manual_seed(0)
+    model = init_detector(cfg, None, device="cpu")
+    path = tmp_path_factory.mktemp("dino") / "dino.pth"
+    meta = {"dataset_meta": {"classes": CLASSES, "palette": [(255, 0, 0), (0, 0, 255)]}, "seed": np.int64(0)}
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scene(data_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("dino-scene") / "scene.tif"
+    make_geotiff(path, *SIZE, seed=5)
+    return path
+
+
+def reference(checkpoint: Path, scene: Path) -> tuple[TileGrid, list]:
+    """mmdet's own inference on each tile's crop (no resize), shifted to image coordinates."""
+    from mmcv.transforms import Compose
+    from mmdet.apis import inference_detector, init_detector
+    from mmengine.config import Config
+
+    from densevision.compat import patch_mmengine
+
+    patch_mmengine()
+    cfg = Config.fromfile(CONFIG)
+    cfg.merge_from_dict(OPTIONS)
+    model = init_detector(cfg, str(checkpoint), device="cpu")
+    pipeline = Compose(
+        [
+            dict(type="mmdet.LoadImageFromNDArray"),
+            dict(type="mmdet.Resize", scale=(TILE, TILE), keep_ratio=False),  # a no-op that records scale 1
+            dict(type="mmdet.PackDetInputs", meta_keys=("img_id", "ori_shape", "img_shape", "scale_factor")),
+        ]
+    )
+    with rasterio.open(scene) as ds:
+        rgb = ds.read().transpose(1, 2, 0)
+    grid = TileGrid(*SIZE, TILE, OVERLAP)
+    items = []
+    for t in grid:
+        crop = np.ascontiguousarray(rgb[t.y : t.y + TILE, t.x : t.x + TILE, ::-1])  # BGR, as mmcv loads
+        p = inference_detector(model, crop, test_pipeline=pipeline).pred_instances
+        keep = (p.scores >= THRESHOLD).numpy()
+        boxes = p.bboxes.numpy()[keep] + [t.x, t.y, t.x, t.y]
+        items.append((t, boxes, p.scores.numpy()[keep], p.labels.numpy()[keep]))
+    return grid, items
+
+
+def test_dino_tiles_equal_mmdet_inference_and_merge(checkpoint, scene, tmp_path):
+    grid, items = reference(checkpoint, scene)
+    expected = merge_detections(grid, items, method="nmm", match="ios", threshold=0.5)
+    assert sum(len(i[1]) for i in items) > len(expected) > 0  # random weights, but boxes enough to merge
+
+    out = tmp_path / "dino.geojson"
+    summary = detect_objects(
+        scene, CONFIG, checkpoint, out=out, cfg_options=OPTIONS, tile=TILE, overlap=OVERLAP, batch_size=2,
+        score_threshold=THRESHOLD, workers=0, native_crs=True, device="cpu", progress=False,
+    )  # fmt: skip
+    assert summary["model"]["classes"] == list(CLASSES)
+    assert summary["detections"]["raw"] == sum(len(i[1]) for i in items)
+    with rasterio.open(scene) as ds:
+        inverse = ~ds.transform
+    features = json.loads(out.read_text())["features"]
+    found = []
+    for f in features:
+        ring = np.array(f["geometry"]["coordinates"][0])
+        cols, rows = inverse @ (ring[:, 0], ring[:, 1])
+        found.append([cols.min(), rows.min(), cols.max(), rows.max(), f["properties"]["score"]])
+    want = np.column_stack([expected.boxes, expected.scores])
+    found_sorted = np.array(sorted(map(tuple, np.round(found, 2))))
+    want_sorted = np.array(sorted(map(tuple, np.round(want, 2))))
+    assert found_sorted.shape == want_sorted.shape
+    assert np.abs(found_sorted - want_sorted).max() < 0.05  # batched vs one-by-one float noise only
+    assert {f["properties"]["class"] for f in features} <= set(CLASSES)
+
+
+def test_checkpoint_of_another_model_is_refused_with_key_names(checkpoint, tmp_path):
+    state = torch.load(checkpoint, weights_only=False)
+    state["state_dict"].pop("bbox_head.cls_branches.0.bias")
+    state["state_dict"]["extra.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad.pth"
+    torch.save(state, bad)
+    with pytest.raises(CheckpointError, match=r"1 missing \(bbox_head\.cls_branches\.0\.bias\).*extra\.weight"):
+        MMDetPredictor.from_config(CONFIG, bad, cfg_options=OPTIONS)
