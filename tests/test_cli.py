@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from densevision import __version__
 from densevision.cli import main
@@ -71,3 +72,27 @@ def test_usage_error_one_line_exit_2():
     proc = run_cli("no-such-command")
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["-c", "{repo}/configs/detection/dino_swin-t_fpn_coco.py", "-o", "{tmp}/o.tif"], ".geojson"),
+        (["-c", "{tmp}/missing.py", "-o", "{tmp}/o.geojson"], "missing.py"),
+        (
+            ["-c", "{repo}/configs/detection/dino_swin-t_fpn_coco.py", "-w", "{tmp}/none.pth", "-o", "{tmp}/o.geojson"],
+            "none.pth",
+        ),
+        (
+            ["-c", "{repo}/configs/detection/dino_swin-t_fpn_coco.py", "--merge", "wbf", "-o", "{tmp}/o.geojson"],
+            "--merge",
+        ),
+    ],
+)
+def test_detect_bad_input_one_line_exit_2(data_dir, tmp_path, args, says):
+    args = [a.format(tmp=tmp_path, repo=REPO) for a in args]
+    proc = run_cli("detect", str(data_dir / "geotiff" / "RGB.byte.tif"), *args)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and says in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -4,6 +4,7 @@ image's coordinates (CRS for rasters, QuPath level-0 pixels for slides); resume;
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,3 +201,41 @@ def test_bad_input_fails_before_work(scene, tmp_path):
         detect_objects(path, out=tmp_path / "o.geojson")
     assert det.calls == 0
     assert not list(tmp_path.iterdir())
+
+
+def test_two_ranks_give_the_same_file(scene, tmp_path):
+    """torchrun with two CPU processes (gloo): each rank predicts a share of the tile rows, rank 0 merges."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path, _ = scene
+    script = tmp_path / "run.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from colour_detector import ColourDetector
+            from densevision import detect_objects
+            r = detect_objects(sys.argv[1], out=sys.argv[2], predictor=ColourDetector({COLOURS!r}, masks=True),
+                               tile={TILE}, overlap={OVERLAP}, batch_size=3, workers=0, progress=False)
+            print("tiles predicted:", r["timings"].get("tiles", 0))
+            """
+        )
+    )
+    outs = {}
+    for name, launcher in (
+        ("one", []),
+        ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
+    ):
+        (tmp_path / name).mkdir()
+        outs[name] = tmp_path / name / "o.geojson"
+        proc = subprocess.run(
+            [sys.executable, *launcher, str(script), str(path), str(outs[name])], capture_output=True, text=True,
+            timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        shares = [int(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("tiles predicted:")]
+        assert len(shares) == (2 if launcher else 1) and all(n > 0 for n in shares), proc.stdout
+    assert outs["two"].read_bytes() == outs["one"].read_bytes()
