@@ -118,3 +118,32 @@ def test_checkpoint_of_another_model_is_refused_with_key_names(checkpoint, tmp_p
     torch.save(state, bad)
     with pytest.raises(CheckpointError, match=r"1 missing \(bbox_head\.cls_branches\.0\.bias\).*extra\.weight"):
         MMDetPredictor.from_config(CONFIG, bad, cfg_options=OPTIONS)
+
+
+@pytest.mark.slow
+def test_instances_cli_dino_boxes_prompt_sam_vit_b(checkpoint, scene, tmp_path):
+    """`densevision instances` end to end on the CPU: the DINO checkpoint's boxes prompt SAM ViT-B (official layout,
+    written here); every object becomes one polygon feature, and the COCO results carry its RLE."""
+    import segment_anything
+
+    from densevision.cli import main
+
+    sam = tmp_path / "sam_vit_b.pth"
+    torch.manual_seed(0)
+    torch.save(segment_anything.sam_model_registry["vit_b"]().state_dict(), sam)
+    out = tmp_path / "instances.geojson"
+    opts = [f"{k}={v}" for k, v in OPTIONS.items()]
+    code = main(
+        ["instances", str(scene), "-c", str(CONFIG), "-w", str(checkpoint), "--sam", str(sam), "-o", str(out),
+         "--tile", str(TILE), "--overlap", str(OVERLAP), "--score-threshold", str(THRESHOLD), "--workers", "0",
+         "--coco", str(tmp_path / "coco.json"), "--device", "cpu", "-q", "--cfg-options", *opts]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads((tmp_path / "instances.summary.json").read_text())
+    assert summary["model"]["masks"] == "sam"
+    n = summary["detections"]["objects"]
+    assert n > 0 and summary["timings"]["sam_windows"] >= 1
+    features = json.loads(out.read_text())["features"]
+    assert len(features) == n
+    assert all(f["geometry"]["type"] in ("Polygon", "MultiPolygon") for f in features)
+    assert len(json.loads((tmp_path / "coco.json").read_text())) == n
