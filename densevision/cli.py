@@ -134,6 +134,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         match=args.match,
         match_threshold=args.match_threshold,
         class_agnostic=args.class_agnostic,
+        overview=args.overview,
         skip_empty=not args.keep_empty,
         coco_out=args.coco,
         native_crs=args.native_crs,
@@ -243,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
         )  # fmt: skip
         det.add_argument("--match-threshold", type=float, default=0.5, help="match above this (default: 0.5)")
         det.add_argument("--class-agnostic", action="store_true", help="merge detections of different classes too")
+        det.add_argument(
+            "--overview", action="store_true",
+            help="also detect on the whole image shrunk to one tile, for objects larger than the overlap",
+        )  # fmt: skip
         det.add_argument("--coco", metavar="RESULTS_JSON", help="also write COCO results JSON (level-0 pixels)")
         det.add_argument(
             "--native-crs", action="store_true", help="rasters: keep the raster's CRS instead of WGS84 lon/lat"

@@ -239,3 +239,33 @@ def test_two_ranks_give_the_same_file(scene, tmp_path):
         shares = [int(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("tiles predicted:")]
         assert len(shares) == (2 if launcher else 1) and all(n > 0 for n in shares), proc.stdout
     assert outs["two"].read_bytes() == outs["one"].read_bytes()
+
+
+def test_overview_pass_joins_an_object_larger_than_the_overlap(data_dir, tmp_path):
+    """An object wider than the overlap is seen by no tile whole: tiles alone report pieces; the overview pass (the
+    whole image shrunk to one tile) sees it whole and joins the pieces, while small objects keep their exact boxes."""
+    size = (1400, 1000)
+    small = straddling_objects(*size)
+    big = Planted(300, 230, 700, 560, color=COLOURS["cyan"], shape="rect", label="cyan")
+    small = [p for p in small if not shapely.intersects(shapely.box(*p.box).buffer(4), shapely.box(*big.box))]
+    path = tmp_path / "big.tif"
+    planted = make_geotiff(path, *size, plant=[*small, big], seed=3)
+    options = dict(tile=TILE, overlap=OVERLAP, workers=0, native_crs=True, progress=False)
+    with rasterio.open(path) as ds:
+        transform = ds.transform
+
+    def boxes(out):
+        fc = json.loads(out.read_text())["features"]
+        return np.array([pixel_bounds(np.array(f["geometry"]["coordinates"][0]), transform) for f in fc])
+
+    # Exact colours on the tiles; the shrunk overview's edges are averaged, so the overview detector is lenient.
+    detector = ColourDetector(COLOURS, tolerance=60)
+    detect_objects(path, out=tmp_path / "tiles.geojson", predictor=detector, **options)
+    alone = boxes(tmp_path / "tiles.geojson")
+    assert not (np.abs(alone - big.box).max(axis=1) <= 2).any()  # no tile saw it whole
+    summary = detect_objects(path, out=tmp_path / "both.geojson", predictor=detector, overview=True, **options)
+    assert summary["detections"]["overview"] >= 1
+    found = boxes(tmp_path / "both.geojson")
+    downsample = max(size) / TILE  # of the overview
+    match_once(found[np.abs(found - big.box).max(axis=1) > downsample + 1], planted[:-1], tol=1e-6)
+    assert (np.abs(found - big.box).max(axis=1) <= downsample + 1).sum() == 1

@@ -9,6 +9,7 @@ feeds the rows to the streaming :class:`~densevision.stitch.DetectionMerger` and
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -42,8 +43,8 @@ from densevision.io.scaling import ValueScale
 from densevision.io.source import resize_region
 from densevision.io.writers._atomic import check_output_path
 from densevision.predictors.base import DetectionPredictor, TileDetections
-from densevision.stitch import DetectionMerger, Detections
-from densevision.stitch.instances import PromptWindow, mask_to_polygons, prompt_windows
+from densevision.stitch import DetectionMerger, Detections, merge_detections
+from densevision.stitch.instances import PromptWindow, mask_to_polygons, merge_instance_polygons, prompt_windows
 from densevision.tiling import TileGrid
 
 
@@ -196,6 +197,75 @@ def _coco_segmentation(geom: shapely.Geometry, image_size: tuple[int, int]) -> d
     return mask_to_rle(mask.astype(bool), (x0, y0), (W, H))
 
 
+def _united(polygons: dict[int, shapely.Geometry], ids: np.ndarray) -> shapely.Geometry:
+    """One object's outline: the union of its sources' (pieces cut by tile borders join)."""
+    return merge_instance_polygons(polygons.get(int(i)) for i in ids)
+
+
+def _overview(
+    src: ImageSource,
+    predictor: DetectionPredictor,
+    tile: int,
+    min_side: float,
+    value_scale: ValueScale | None,
+    with_masks: bool,
+) -> tuple[Detections, list[shapely.Geometry]]:
+    """The detector once over the whole image shrunk to fit one tile; boxes (and outlines) in level-0 pixels. Only
+    objects with a side of at least ``min_side`` level-0 pixels are kept: smaller ones fit in the tiles' overlap,
+    which see them whole and sharper."""
+    import torch
+
+    thumb = src.thumbnail(tile)
+    h, w = thumb.valid.shape
+    pixels = value_scale(thumb.pixels) if value_scale is not None else thumb.pixels.astype(np.float32)
+    canvas = np.zeros((tile, tile, pixels.shape[-1]), dtype=np.float32)  # padding, as for a tile past the edge
+    canvas[:h, :w] = np.where(thumb.valid[..., None], pixels, 0)
+    batch = torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1)))[None].to(predictor.device)
+    dets = predictor(batch)[0]
+    sx, sy = thumb.downsample
+    W, H = src.size
+    boxes = np.clip(dets.boxes * [sx, sy, sx, sy], 0, [W, H, W, H])
+    big = np.flatnonzero(np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) >= min_side)
+    geoms = []
+    if with_masks and dets.masks is not None:
+        geoms = [mask_to_polygons(dets.masks[i, :h, :w], scale=(sx + sy) / 2) for i in big]
+    n = len(big)
+    found = Detections(
+        boxes=boxes[big], scores=dets.scores[big].astype(np.float64), labels=dets.labels[big].astype(np.int64),
+        best=np.arange(n), partial=np.zeros(n, dtype=bool), offsets=np.arange(n + 1), members=np.arange(n),
+    )  # fmt: skip
+    return found, geoms
+
+
+def _join_overview(
+    objects: Detections,
+    geoms: list[shapely.Geometry],
+    overview: Detections,
+    overview_geoms: list[shapely.Geometry],
+    size: tuple[int, int],
+    merge_options: dict[str, Any],
+) -> tuple[Detections, dict[int, shapely.Geometry]]:
+    """Merge the tiles' objects with the overview's detections (ids: objects first, then the overview's), by the
+    same rules, over one window covering the image. An object is partial when no overview detection joined it and
+    all its tile objects were partial."""
+    whole = TileGrid(size[0], size[1], max(size))
+    k = len(objects)
+    boxes = np.concatenate([objects.boxes, overview.boxes])
+    scores = np.concatenate([objects.scores, overview.scores])
+    labels = np.concatenate([objects.labels, overview.labels])
+    was_partial = np.concatenate([objects.partial, np.zeros(len(overview), dtype=bool)])
+    # A partial view ranks below a whole one, as within the tiles: the overview's view of a big object then leads
+    # its group and gathers the pieces the tiles saw.
+    rank = np.where(was_partial, scores * 0.5, scores)
+    joined = merge_detections(whole, [(next(iter(whole)), boxes, rank, labels)], **merge_options)
+    members = [joined.sources(j) for j in range(len(joined))]
+    partial = np.array([bool(was_partial[m].all()) for m in members], dtype=bool)
+    best_score = np.array([scores[m].max() for m in members], dtype=np.float64)
+    polygons = dict(enumerate(geoms))
+    polygons.update({k + i: g for i, g in enumerate(overview_geoms)})
+    return dataclasses.replace(joined, partial=partial, scores=best_score), polygons
+
+
 def _merge_rows(
     work: RecordFolder,
     grid: TileGrid,
@@ -263,6 +333,7 @@ def detect_objects(
     resume: bool = False,
     progress: bool = True,
     masks: bool | None = None,
+    overview: bool = False,
     sam_checkpoint: str | os.PathLike[str] | None = None,
     sam_predictor: Any = None,
 ) -> dict[str, Any]:
@@ -273,7 +344,9 @@ def detect_objects(
     per class, tiles, timings) and ``*.preview.png`` (boxes on a thumbnail); ``coco_out``: COCO results JSON in
     level-0 pixels (``image_id`` 1, ``category_id`` = class index). Objects cut by tile borders are merged
     (``merge`` nms / nmm / greedy_nmm, matching by ``match`` iou / ios above ``match_threshold``, see
-    :mod:`densevision.stitch.detection`); make ``overlap`` at least the size of the largest object.
+    :mod:`densevision.stitch.detection`); make ``overlap`` at least the size of the largest object, or add
+    ``overview``: one more pass of the detector over the whole image shrunk to one tile, whose detections are
+    merged with the tiles' (for objects larger than the overlap; its boxes are as coarse as its resolution).
 
     Give ``config`` (+ ``checkpoint``) for an mmdet detector, or a ready ``predictor``. ``masks``: None (default)
     outlines objects with the detector's own masks when it has a mask head, else with their boxes; False: boxes
@@ -355,6 +428,7 @@ def detect_objects(
             )
 
         merge_started = time.perf_counter()
+        overview_count = None
         preview = Image.fromarray(stretch_for_display(thumb.pixels).astype(np.uint8))
         preview_scale = (1 / thumb.downsample[0], 1 / thumb.downsample[1])
         transform = src.transform if src.backend == "rasterio" else None
@@ -366,13 +440,11 @@ def detect_objects(
         outputs = _ObjectOutputs(src, geojson, coco, names, predictor.palette, preview, preview_scale)
         sam_seconds, sam_windows = 0.0, 0
         try:
-            if sam_predictor is None:
-
+            if sam_predictor is None and not overview:
+                # Stream: each finished object is written as soon as the merger lets it go.
                 def emit(dets: Detections, polygons: dict[int, shapely.Geometry]) -> None:
                     for k in range(len(dets)):
-                        geom = None
-                        if with_masks:
-                            geom = shapely.union_all([polygons[int(i)] for i in dets.sources(k)])
+                        geom = _united(polygons, dets.sources(k)) if with_masks else None
                         outputs.add(
                             dets.boxes[k], dets.scores[k], int(dets.labels[k]), bool(dets.partial[k]),
                             len(dets.sources(k)), geom,
@@ -380,15 +452,35 @@ def detect_objects(
 
                 merger = _merge_rows(work, grid, keep, geometry.downsample, with_masks, merge_options, emit)
             else:
+                # Collect the (small) merged boxes: the overview joins them, and SAM needs them all to place windows.
                 found: list[Detections] = []
-                merger = _merge_rows(
-                    work, grid, keep, geometry.downsample, False, merge_options, lambda d, _: found.append(d)
-                )
-                sam_started = time.perf_counter()
-                sam_windows = _prompt_sam(
-                    src, geometry, grid, value_scale, Detections.concatenate(found), sam_predictor, outputs
-                )
-                sam_seconds = time.perf_counter() - sam_started
+                geoms: list[shapely.Geometry] = []
+
+                def collect(dets: Detections, polygons: dict[int, shapely.Geometry]) -> None:
+                    found.append(dets)
+                    if with_masks:
+                        geoms.extend(_united(polygons, dets.sources(k)) for k in range(len(dets)))
+
+                merger = _merge_rows(work, grid, keep, geometry.downsample, with_masks, merge_options, collect)
+                objects = Detections.concatenate(found)
+                polygons: dict[int, shapely.Geometry] = {}
+                if overview:
+                    ov, ov_geoms = _overview(
+                        src, predictor, tile, overlap * geometry.downsample, value_scale, with_masks
+                    )
+                    overview_count = len(ov)
+                    objects, polygons = _join_overview(objects, geoms, ov, ov_geoms, src.size, merge_options)
+                if sam_predictor is None:
+                    for k in range(len(objects)):
+                        geom = _united(polygons, objects.sources(k)) if with_masks else None
+                        outputs.add(
+                            objects.boxes[k], objects.scores[k], int(objects.labels[k]), bool(objects.partial[k]),
+                            len(objects.sources(k)), geom,
+                        )  # fmt: skip
+                else:
+                    sam_started = time.perf_counter()
+                    sam_windows = _prompt_sam(src, geometry, grid, value_scale, objects, sam_predictor, outputs)
+                    sam_seconds = time.perf_counter() - sam_started
             geojson.close()
             if coco is not None:
                 coco.close()
@@ -425,12 +517,14 @@ def detect_objects(
             "tile": tile, "overlap": overlap, "batch_size": batch_size, "level": geometry.level, "mpp": mpp,
             "downsample": geometry.downsample, "device": str(dev), "amp": amp, "workers": workers,
             "world_size": world, "skip_empty": skip_empty, "score_threshold": score_threshold, **merge_options,
+            "overview": overview,
             "value_scale": {"lo": list(value_scale.lo), "hi": list(value_scale.hi)} if value_scale else None,
         },
         "tiles": {"total": len(grid), "done": int(keep.sum()), "skipped": int((~keep).sum())},
         "resumed": {"rows_already_done": rows_before, "rows": len(grid.ys)} if resume else None,
         "detections": {
-            "raw": merger.added, "objects": outputs.count, "partial": outputs.partial, "max_held": merger.max_held,
+            "raw": merger.added, "overview": overview_count, "objects": outputs.count, "partial": outputs.partial,
+            "max_held": merger.max_held,
         },
         "classes": [{"index": i, "name": n, "count": int(outputs.counts[i])} for i, n in enumerate(names)],
         "pixel_area": {"value": area[0], "unit": area[1]} if area else None,
