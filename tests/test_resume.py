@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import rasterio
+import torch
 from affine import Affine
 
 SCRIPT = textwrap.dedent(
@@ -96,11 +97,106 @@ def test_resume_refuses_other_settings_and_foreign_folders(tmp_path):
     from densevision.errors import ConfigError
 
     root = tmp_path / "seg.tif.partial.d"
-    store = BandStore(root, {"tile": 512, "blend": "gaussian"}, resume=False)
+    layout = {"rows": [0, 4], "cols": [0, 8]}
+    store = BandStore(root, {"tile": 512, "blend": "gaussian"}, resume=False, **layout)
     store.put(0, 0, np.zeros((4, 8), np.uint8), None)
-    assert BandStore(root, {"tile": 512, "blend": "gaussian"}, resume=True).done() == 1
+    assert BandStore(root, {"tile": 512, "blend": "gaussian"}, resume=True, **layout).done() == 1
+    with pytest.raises(ConfigError, match="pass --resume"):
+        BandStore(root, {"tile": 512, "blend": "gaussian"}, resume=False, **layout)
     with pytest.raises(ConfigError, match="other blend, tile"):
-        BandStore(root, {"tile": 256, "blend": "crop"}, resume=True)
+        BandStore(root, {"tile": 256, "blend": "crop"}, resume=True, **layout)
     (root / "run.json").unlink()
     with pytest.raises(ConfigError, match="not a densevision work folder"):
-        BandStore(root, {"tile": 512}, resume=True)
+        BandStore(root, {"tile": 512}, resume=True, **layout)
+
+
+def test_band_store_commits_a_band_when_its_last_block_is_in_and_reads_column_strips(tmp_path):
+    from densevision.engine.workdir import BandStore
+    from densevision.errors import InvalidRegionError
+
+    rows, cols = [0, 5, 12, 13], [0, 4, 9, 16]
+    rng = np.random.default_rng(0)
+    classes = rng.integers(0, 5, (13, 16), dtype=np.uint8)
+    probs = rng.random((13, 16, 3), dtype=np.float32)
+    store = BandStore(tmp_path / "w", {}, resume=False, rows=rows, cols=cols)
+    blocks = [(k, c) for k in range(3) for c in range(3)]
+    for n, i in enumerate([2, 0, 1, 4, 5, 3]):  # bands 0 and 1, blocks in any order within a band
+        (k, c) = blocks[i]
+        window = np.s_[rows[k] : rows[k + 1], cols[c] : cols[c + 1]]
+        store.put(rows[k], cols[c], classes[window], probs[window])
+        assert store.done() == (n + 1) // 3  # committed only once its last block is in
+        assert len(list((tmp_path / "w").glob("band-*.npz"))) == store.done()
+    with pytest.raises(InvalidRegionError, match="put twice"):
+        store.put(5, 4, classes[5:12, 4:9], probs[5:12, 4:9])
+    with pytest.raises(InvalidRegionError, match="not the corner of a block"):
+        store.put(12, 3, classes[12:, 3:9])
+    with pytest.raises(InvalidRegionError, match="block \\(2, 0\\) is 4 x 1 pixels"):
+        store.put(12, 0, classes[12:, :5])
+    store.put(12, 0, classes[12:, :4], probs[12:, :4])
+    store.close()  # an interrupted band: not committed, redone on resume
+    store = BandStore(tmp_path / "w", {}, resume=True, rows=rows, cols=cols)
+    assert store.done() == 2 and store.done(1) == 1 and store.done(2) == 0
+    for c in range(3):
+        store.put(12, cols[c], classes[12:, cols[c] : cols[c + 1]], probs[12:, cols[c] : cols[c + 1]])
+    assert store.done() == 3
+    got = list(store.blocks((1, 3)))  # block columns 1 and 2, band by band
+    assert [(y, x) for y, x, *_ in got] == [(0, 4), (0, 9), (5, 4), (5, 9), (12, 4), (12, 9)]
+    for y, x, cm, p in got:
+        h, w = cm.shape
+        np.testing.assert_array_equal(cm, classes[y : y + h, x : x + w])
+        np.testing.assert_array_equal(p, probs[y : y + h, x : x + w])
+    store.remove()
+    assert not (tmp_path / "w").exists()
+
+
+class _Conv(torch.nn.Module):
+    """A small fixed convolution (3 classes); ``fail_after`` batches, it raises, as a crash would stop the run."""
+
+    num_classes, class_names = 3, ("a", "b", "c")
+    palette, size_divisor, device = ((255, 0, 0), (0, 255, 0), (0, 0, 255)), 16, torch.device("cpu")
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Conv2d(3, 3, 5, padding=2)
+        self.fail_after, self.calls = fail_after, 0
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("simulated crash")
+        return self.net(x / 255.0)
+
+
+@pytest.mark.parametrize("blend", ["crop", "gaussian"])
+def test_resume_after_a_crash_anywhere_gives_the_same_bytes(tmp_path, blend):
+    # 333 x 250 with tile 64, overlap 16: the last tile row and column are shifted inward, so the last two tile rows
+    # are fed column by column (stitch_order) and two bands are open at once near the end.
+    rng = np.random.default_rng(1)
+    src = tmp_path / "scene.tif"
+    profile = dict(driver="GTiff", width=333, height=250, count=3, dtype="uint8", crs="EPSG:32631")
+    with rasterio.open(src, "w", transform=Affine.translation(0, 2500) @ Affine.scale(10, -10), **profile) as dst:
+        dst.write(rng.integers(0, 256, (3, 250, 333), dtype=np.uint8))
+    kw = dict(tile=64, overlap=16, batch_size=3, blend=blend, probability_output=True, workers=0, progress=False)
+
+    from densevision import segment_image
+    from densevision.stitch.segmentation import stitch_order
+    from densevision.tiling import TileGrid
+
+    assert stitch_order(TileGrid(333, 250, 64, 16)) != list(TileGrid(333, 250, 64, 16))
+    (tmp_path / "ref").mkdir()
+    segment_image(src, out=tmp_path / "ref" / "seg.tif", predictor=_Conv(), **kw)
+    batches = -(-len(TileGrid(333, 250, 64, 16)) // 3)  # 35 tiles, 12 batches
+    for crash in (4, 7, batches - 1):  # after band 0, in the middle, in the interleaved last two rows
+        out = tmp_path / f"run{crash}" / "seg.tif"
+        out.parent.mkdir()
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            segment_image(src, out=out, predictor=_Conv(fail_after=crash), **kw)
+        assert not out.exists()
+        summary = segment_image(src, out=out, predictor=_Conv(), resume=True, **kw)
+        assert 1 <= summary["resumed"]["bands_already_done"] < summary["resumed"]["bands"] == 5
+        if crash > 4:  # only the tile rows reaching into unfinished bands are redone (after band 0: all of them)
+            assert summary["timings"]["tiles"] < len(TileGrid(333, 250, 64, 16))
+        for name in ("seg.tif", "seg.probs.tif"):
+            assert (out.parent / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), (crash, name)

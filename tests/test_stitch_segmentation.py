@@ -18,7 +18,7 @@ from densevision.stitch import (
     probabilities,
     tile_window,
 )
-from densevision.stitch.segmentation import BandAssembler, band_edges
+from densevision.stitch.segmentation import BandAssembler, BlockAssembler, band_edges, block_edges, stitch_order
 from densevision.tiling.grid import Tile, TileGrid
 
 
@@ -310,6 +310,90 @@ def test_wide_image_in_row_order_holds_one_overlap_strip_plus_a_tile(blend, w, h
     # The bound of the module docstring, whatever the width; and the strip really is held (the bound is tight).
     assert strip(grid) * (w - 64) < st.max_held_pixels <= strip(grid) * w + 64 * 64
     np.testing.assert_allclose(sink.logits, 1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "constant", "crop"])
+@pytest.mark.parametrize("w,h", [(5000, 300), (4999, 177), (5000, 304), (3000, 100)])
+def test_stitch_order_holds_the_overlap_even_above_a_shifted_last_row(blend, w, h):
+    grid = TileGrid(w, h, 64, 16)
+    order = stitch_order(grid)
+    assert sorted(t.index for t in order) == list(range(len(grid)))
+    shifted = strip(grid) > grid.overlap
+    assert (order != list(grid)) == shifted  # row-major unless the last tile row is shifted inward
+    if shifted:  # then the last two rows go column by column
+        tail = order[-2 * len(grid.xs) :]
+        r = len(grid.ys) - 2
+        assert [(t.row, t.col) for t in tail[:4]] == [(r, 0), (r + 1, 0), (r, 1), (r + 1, 1)]
+    sink = Collect(grid, 1)
+    st = SegmentationStitcher(grid, 1, blend, sink)
+    ones = np.ones((1, 64, 64), dtype=np.float32)
+    for t in order:
+        st.add(t, ones)
+    st.finish()
+    assert (sink.count == 1).all() and st.held_pixels == 0
+    np.testing.assert_allclose(sink.logits, 1, rtol=1e-6)
+    # The module docstring's bound: the overlap strip of the whole width plus a few tiles, whatever the shift.
+    assert st.max_held_pixels <= grid.overlap * w + 3 * 64 * 64
+    if shifted and blend != "crop":  # row-major would have held the larger strip over the whole width
+        assert st.max_held_pixels < strip(grid) * (w - 64)
+
+
+@pytest.mark.parametrize("blend", BLEND_MODES)
+def test_blocks_of_the_grid_are_final_once_their_tile_is_in(blend):
+    grid = TileGrid(333, 250, 64, 24)  # last row and column shifted inward
+    rows, cols = block_edges(grid, blend)
+    if blend == "crop":  # the owned regions: one per tile
+        assert rows == [0, *(t.owned[3] for t in grid if t.col == 0)]
+        assert cols == [0, *(t.owned[2] for t in grid if t.row == 0)]
+    else:  # the bands, cut at the tile columns too
+        assert rows == band_edges(grid) and cols == [*grid.xs, grid.width]
+    img = image(2, 250, 333)
+    got: list[tuple[int, int, np.ndarray]] = []
+    asm = BlockAssembler(rows, cols, lambda y0, x0, cm, lg: got.append((y0, x0, lg)))
+    sink = Collect(grid, 2)
+
+    def both(y0, x0, logits, valid):
+        sink(y0, x0, logits, valid)
+        asm(y0, x0, class_map(logits, valid), np.moveaxis(logits, 0, -1))
+
+    st = SegmentationStitcher(grid, 2, blend, both)
+    by_index = {t.index: (t, win, valid) for t, win, valid in windows(img, grid)}
+    seen = set()
+    for t in stitch_order(grid):
+        _, win, valid = by_index[t.index]
+        st.add(t, conv(win), valid)
+        seen.add((t.row, t.col))
+        # Block (k, c) has come as soon as tile (k, c) is in; at most a few blocks are ever waiting.
+        assert {(rows.index(y0), cols.index(x0)) for y0, x0, _ in got} >= seen
+        assert asm.held_bytes <= 64 * 64 * 9  # under crop none: each cell is one block
+    st.finish()
+    asm.finish()
+    assert asm.complete and asm.held_bytes == 0 and len(got) == len(grid)
+    for y0, x0, lg in got:
+        h, w = lg.shape[:2]
+        np.testing.assert_array_equal(np.moveaxis(lg, -1, 0), sink.logits[:, y0 : y0 + h, x0 : x0 + w])
+
+
+def test_block_assembler_ordered_bands_and_bad_use():
+    full = np.arange(20 * 30, dtype=np.int32).reshape(20, 30)
+    rows, cols = [0, 7, 13, 20], [0, 11, 30]
+    got: list[tuple[int, int]] = []
+    asm = BlockAssembler(rows, cols, lambda y0, x0, a: got.append((y0, x0)), bands=(1, 3), ordered=True)
+    for y, x in reversed([(y, x) for y in range(0, 20, 5) for x in range(0, 30, 10)]):  # straddle the blocks
+        asm(y, x, full[y : y + 5, x : x + 10])
+    asm.finish()
+    assert got == [(7, 0), (7, 11), (13, 0), (13, 11)]  # row-major, though the bottom ones were complete first
+    with pytest.raises(ConfigError, match="column edges"):
+        BlockAssembler([0, 5], [0, 3, 3], lambda *a: None)
+    asm = BlockAssembler([0, 5, 9], [0, 4, 10], lambda *a: None)
+    asm(0, 0, np.zeros((5, 4)))
+    with pytest.raises(InvalidRegionError, match=r"block \(0, 0\) .* was complete already"):
+        asm(4, 3, np.zeros((1, 1)))
+    asm(0, 4, np.zeros((3, 6)))
+    with pytest.raises(InvalidRegionError, match=r"block \(0, 1\) .* more pixels than it has"):
+        asm(2, 4, np.zeros((3, 6)))
+    with pytest.raises(InvalidRegionError, match=r"the first block \(1, 0\) .* got no pixel"):
+        BlockAssembler([0, 5, 9], [0, 10], lambda *a: None, bands=(1, 2)).finish()
 
 
 def test_crop_holds_one_owned_region_at_most():

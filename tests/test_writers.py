@@ -230,15 +230,59 @@ def test_pyramid_tiff_smaller_than_one_tile(tmp_path: Path) -> None:
     slide.close()
 
 
-def test_pyramid_tiff_refuses_out_of_order_and_incomplete(tmp_path: Path) -> None:
+def test_pyramid_tiff_windows_in_any_order_give_the_bytes_of_whole_width_bands(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for samples in (1, 3):
+        pixels = class_map() if samples == 1 else rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+        kw = {"samples": samples, "mpp": 0.5, "tile_size": 64}
+        with PyramidTiffWriter(tmp_path / "bands.tiff", W, H, **kw) as w:
+            for y in range(0, H, 100):
+                w.write(pixels[y : y + 100], 0, y)
+        shuffled = windows(H, W)
+        rng.shuffle(shuffled)
+        with PyramidTiffWriter(tmp_path / "windows.tiff", W, H, **kw) as w:
+            for x, y, ww, wh in shuffled:  # 150 x 110 windows cross the 64-pixel tiles
+                w.write(pixels[y : y + wh, x : x + ww], x, y)
+            assert w.held_tiles == 0  # every tile of every level was complete, encoded and freed
+        assert (tmp_path / "bands.tiff").read_bytes() == (tmp_path / "windows.tiff").read_bytes(), samples
+        with tifffile.TiffFile(tmp_path / "windows.tiff") as tif:
+            np.testing.assert_array_equal(tif.pages[0].asarray(), pixels)
+
+
+def test_pyramid_tiff_in_column_strips_holds_a_strip_not_the_width(tmp_path: Path) -> None:
+    w, h, t, strip = 4096, 700, 32, 256
+    pixels = class_map(h, w)
+    most = 0
+    with PyramidTiffWriter(tmp_path / "strips.tiff", w, h, tile_size=t) as writer:
+        for x0 in range(0, w, strip):
+            for y0 in range(0, h, 45):  # bands not aligned to the tiles
+                writer.write(pixels[y0 : y0 + 45, x0 : x0 + strip], x0, y0)
+                most = max(most, writer.held_tiles)
+    # Levels 0..3 hold at most two rows of a strip's tiles (2 x 8 + 2 x 4 + ...); deeper levels, whose tiles are wider
+    # than the strip, a column of tiles (700 / 2**4 / 32 -> 2, ...). The width's 128 tiles per row never are.
+    assert most <= 2 * (8 + 4 + 2 + 1) + 2 * 4, most
+    with tifffile.TiffFile(tmp_path / "strips.tiff") as tif:
+        np.testing.assert_array_equal(tif.pages[0].asarray(), pixels)
+        np.testing.assert_array_equal(tif.pages[1].asarray(), downsample2(pixels[..., None], "mode")[..., 0])
+
+
+def test_pyramid_tiff_refuses_bad_windows_pixels_twice_and_incomplete(tmp_path: Path) -> None:
     out = tmp_path / "p.tiff"
     w = PyramidTiffWriter(out, 64, 48, tile_size=16)
-    with pytest.raises(InvalidRegionError, match=r"whole-width bands .* next band starts at \(0, 0\)"):
-        w.write(np.zeros((8, 64), np.uint8), 0, 8)
-    with pytest.raises(InvalidRegionError, match="whole-width"):
-        w.write(np.zeros((8, 32), np.uint8), 0, 0)
+    with pytest.raises(InvalidRegionError, match="leaves the 64 x 48 image"):
+        w.write(np.zeros((8, 8), np.uint8), 60, 0)
+    with pytest.raises(InvalidRegionError, match=r"expected an H x W x 1"):
+        w.write(np.zeros((8, 8, 3), np.uint8), 0, 0)
+    w.write(np.zeros((16, 64), np.uint8), 0, 0)  # the first row of tiles: complete
+    with pytest.raises(InvalidRegionError, match="came twice"):
+        w.write(np.zeros((4, 4), np.uint8), 3, 3)
+    w.write(np.zeros((8, 8), np.uint8), 0, 16)
+    with pytest.raises(InvalidRegionError, match="more pixels than it has"):
+        w.write(np.zeros((16, 16), np.uint8), 0, 16)
+    w.abort()
+    w = PyramidTiffWriter(out, 64, 48, tile_size=16)
     w.write(np.zeros((8, 64), np.uint8), 0, 0)
-    with pytest.raises(InvalidRegionError, match="only 8 of 48 rows"):
+    with pytest.raises(InvalidRegionError, match="2560 of 3072 pixels were never written"):
         w.close()
     assert os.listdir(tmp_path) == []
 

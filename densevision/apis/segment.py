@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -25,23 +26,18 @@ from densevision.io import GeoTiffWriter, ImageSource, PyramidTiffWriter, Thumbn
 from densevision.io.scaling import ValueScale
 from densevision.io.writers._atomic import check_output_path
 from densevision.predictors.base import SegmentationPredictor
-from densevision.stitch import (
-    BandAssembler,
-    SegmentationStitcher,
-    band_edges,
-    check_blend,
-    class_map,
-    probabilities,
-)
+from densevision.stitch import SegmentationStitcher, check_blend, class_map, probabilities
+from densevision.stitch.segmentation import BlockAssembler, block_edges, stitch_order
 from densevision.tiling import TileGrid, tiles_with_content, tissue_mask
+from densevision.tiling.grid import axis_bounds
 
 NODATA = 255
 PREVIEW_SIZE = 1024
 
 
 class _Outputs:
-    """Finished bands to the outputs: class map (and probabilities) to their writers, class pixel counts, and a
-    nearest-neighbour preview of at most PREVIEW_SIZE pixels, one band at a time."""
+    """Finished blocks to the outputs: class map (and probabilities) to their writers, class pixel counts, and a
+    nearest-neighbour preview of at most PREVIEW_SIZE pixels, one block at a time."""
 
     def __init__(
         self, classes: GeoTiffWriter | PyramidTiffWriter, probs: GeoTiffWriter | None, k: int, width: int, height: int
@@ -51,15 +47,21 @@ class _Outputs:
         self.step = max(1, math.ceil(max(width, height) / PREVIEW_SIZE))
         self.preview = np.full((math.ceil(height / self.step), math.ceil(width / self.step)), NODATA, np.uint8)
 
-    def __call__(self, y0: int, cmap: np.ndarray, probs: np.ndarray | None) -> None:
-        self.classes.write(cmap, 0, y0)
+    def __call__(self, y0: int, x0: int, cmap: np.ndarray, probs: np.ndarray | None) -> None:
+        self.classes.write(cmap, x0, y0)
         if self.probs is not None and probs is not None:
-            self.probs.write(probs, 0, y0)
-        for r in range(0, len(cmap), 32):  # bincount widens to int64: keep its temporaries to 32 rows
-            self.counts += np.bincount(np.minimum(cmap[r : r + 32].ravel(), self.k), minlength=self.k + 1)
-        rows = np.arange(y0, y0 + len(cmap))
-        on_grid = rows % self.step == 0
-        self.preview[rows[on_grid] // self.step] = cmap[on_grid, :: self.step]
+            self.probs.write(probs, x0, y0)
+        self.counts += np.bincount(np.minimum(cmap, self.k).ravel(), minlength=self.k + 1)
+        # The preview keeps the pixels on a grid of `step`: this block's first ones are at offsets (-y0, -x0) % step.
+        r, c = -y0 % self.step, -x0 % self.step
+        on_grid = cmap[r :: self.step, c :: self.step]
+        i, j = (y0 + r) // self.step, (x0 + c) // self.step
+        self.preview[i : i + on_grid.shape[0], j : j + on_grid.shape[1]] = on_grid
+
+
+# Blocks go to the writers in column strips of this many pixels, top to bottom within each strip: the writers' partial
+# tiles then span a strip, not the image's width. A multiple of every tile size they use (512: 2**4 of them).
+ASSEMBLY_STRIP = 8192
 
 
 def _assemble(
@@ -73,7 +75,8 @@ def _assemble(
     height: int,
     n_bands: int,
 ) -> _Outputs:
-    """Stream the committed bands into the final files (renamed into place only when complete)."""
+    """Stream the committed blocks into the final files (renamed into place only when complete), column strip by
+    column strip (see ASSEMBLY_STRIP); blocks across a strip's edge are read once per strip and cut there."""
     k, names = predictor.num_classes, list(predictor.class_names)
     if work.done() != n_bands:
         raise ConfigError(f"{work.root}: only {work.done()} of {n_bands} bands are finished; run again with --resume")
@@ -94,9 +97,14 @@ def _assemble(
             band_descriptions=names,
         )  # fmt: skip
     outputs = _Outputs(classes, probs, k, width, height)
+    cols = work.cols
     try:
-        for y0, cmap, p in work.bands():
-            outputs(y0, cmap, p)
+        for x0 in range(0, width, ASSEMBLY_STRIP):
+            x1 = min(x0 + ASSEMBLY_STRIP, width)
+            span = (bisect.bisect_right(cols, x0) - 1, bisect.bisect_left(cols, x1))
+            for by, bx, cmap, p in work.blocks(span):
+                a, b = max(x0, bx) - bx, min(x1, bx + cmap.shape[1]) - bx
+                outputs(by, bx + a, cmap[:, a:b], None if p is None else p[:, a:b])
         classes.close()
         if probs is not None:
             probs.close()
@@ -147,27 +155,27 @@ def _predict_bands(
 ) -> RunStats | None:
     """Predict and stitch bands ``[a, b)`` that are not yet in ``work``, committing each as it finishes.
 
-    Starting at band ``k`` (resuming, or a rank's share) redoes the tile rows whose windows reach into it; other
-    rows count as skipped and their incomplete bands are dropped. Batches start and end where one uninterrupted
-    run's would, so every tile is predicted in the same company and the result is the same to the last bit.
+    Tiles go in :func:`stitch_order`; the stitcher's cells, reduced to class indices (and probabilities), are
+    regrouped into the grid's blocks (:func:`block_edges`) and appended to their band's file as each is final, so
+    nothing as wide as the image is held. Starting at band ``k`` (resuming, or a rank's share) redoes the tile rows
+    whose windows reach into it; other rows count as skipped and their incomplete bands are dropped. Batches start
+    and end where one uninterrupted run's would, so every tile is predicted in the same company and the result is the
+    same to the last bit.
     """
-    tiles = list(grid)
-    band_of = {y: k for k, y in enumerate(grid.ys)}
+    tiles, order = list(grid), stitch_order(grid)
+    position = {t.index: i for i, t in enumerate(order)}
     first, end = bands[0] + work.done(bands[0]), bands[1]
     if first >= end:
         return None
-    r0 = min(r for r, y in enumerate(grid.ys) if y + grid.tile > grid.ys[first])
-    edges = band_edges(grid)
+    rows, cols = block_edges(grid, blend)
+    # The first tile row that reaches into band `first` (its window; under crop its owned rows).
+    reach = axis_bounds(grid.ys, grid.tile, grid.height) if blend == "crop" else [(y, y + grid.tile) for y in grid.ys]
+    r0 = min(r for r, (_, y1) in enumerate(reach) if y1 > rows[first])
     background = BackgroundCalls()
-
-    def commit(y0: int, cmap: np.ndarray, probs: np.ndarray | None = None) -> None:
-        work.put(band_of[y0], y0, cmap, probs)
-
-    # The stitcher's final cells, reduced to class indices (and probabilities), regrouped into bands [first, end).
-    assembler = BandAssembler(grid.width, edges, commit, bands=(first, end))
+    assembler = BlockAssembler(rows, cols, work.put, bands=(first, end))
 
     def block(y0: int, x0: int, logits: np.ndarray, valid: np.ndarray) -> None:
-        if y0 >= edges[end] or y0 + valid.shape[0] <= edges[first]:
+        if y0 >= rows[end] or y0 + valid.shape[0] <= rows[first]:
             return  # a band this call does not commit
         if probability_output:
             assembler(y0, x0, class_map(logits, valid, NODATA), np.moveaxis(probabilities(logits, valid), 0, -1))
@@ -179,18 +187,21 @@ def _predict_bands(
     )
     needed = range(r0, end)  # band k is final once tile rows up to k are in
     added = [bool(keep[t.index]) and t.row in needed for t in tiles]
-    kept = [t for t in tiles if keep[t.index]]
+    kept = [t for t in order if keep[t.index]]
+    # Tiles of rows >= r0 are a suffix of the order (an interleaved pair of rows is never split by r0: its first row
+    # reaches into the second's band); rows < end are a prefix, up to tiles of row `end` interleaved with row end - 1,
+    # which are predicted to keep the batches aligned, but not added.
     lo = next((i for i, t in enumerate(kept) if t.row >= r0), len(kept))
-    hi = next((i for i, t in enumerate(kept) if t.row >= end), len(kept))
+    hi = max((i + 1 for i, t in enumerate(kept) if t.row < end), default=0)
     size = runner.batch_size
     dataset.tiles = kept[lo - lo % size : min(len(kept), -(-hi // size) * size)]
-    skipped_to = 0  # tiles before this one that are not added have been skipped
+    skipped_to = 0  # tiles before this position of the order that are not added have been skipped
 
     def skip_until(i: int) -> None:
-        """Skip the tiles before ``i`` that are not added, in row-major order with the added ones (skipping them
-        all up front would complete cells far below, which the assembler would have to hold)."""
+        """Skip the tiles before position ``i`` of the order that are not added, in order with the added ones
+        (skipping them all up front would complete cells far below, which the assembler would have to hold)."""
         nonlocal skipped_to
-        for t in tiles[skipped_to:i]:
+        for t in order[skipped_to:i]:
             if not added[t.index]:
                 stitcher.skip(t)
         skipped_to = max(skipped_to, i)
@@ -200,14 +211,15 @@ def _predict_bands(
         def consume(indexes: list[int], logits: np.ndarray, valid: np.ndarray) -> None:
             for j, i in enumerate(indexes):
                 if added[i]:  # the others were only computed to keep the batches aligned
-                    skip_until(i)
+                    skip_until(position[i])
                     stitcher.add(tiles[i], logits[j], valid[j])
 
         stats = runner.run(dataset, predictor, consume) if len(dataset) else None
-        skip_until(len(tiles))
+        skip_until(len(order))
         stitcher.finish()
     finally:
         background.close()
+        work.close()
     assembler.finish()
     return stats
 
@@ -302,9 +314,10 @@ def segment_image(
         }  # fmt: skip
         work_dir = out_path.with_name(out_path.name + ".partial.d")
         # Rank 0 creates (or checks) the work folder; the others join it once it is there.
-        work = BandStore(work_dir, fingerprint, resume=resume) if rank == 0 else None
+        rows, cols = block_edges(grid, blend)
+        work = BandStore(work_dir, fingerprint, resume=resume, rows=rows, cols=cols) if rank == 0 else None
         barrier(world)
-        work = work or BandStore(work_dir, fingerprint, resume=True)
+        work = work or BandStore(work_dir, fingerprint, resume=True, rows=rows, cols=cols)
         bands_before = work.done()
         share = split_contiguous(np.bincount([t.row for t in tiles if keep[t.index]], minlength=len(grid.ys)), world)
         stats = _predict_bands(

@@ -8,24 +8,27 @@ or skipped): it is then normalised, handed to the sink and forgotten. Its float3
 of ``w * logits``, ``h x w`` sums of ``w``) exist only from its first contribution until then; a cell whose
 contributors were all skipped is never allocated (it is emitted as nodata).
 
-Memory: fed in row-major order (the grid's order) the stitcher holds the strip of rows that the next tile row will
-still add to, ``strip = max_r (ys[r] + T - ys[r + 1])`` rows of the whole width (the overlap, unless the last tile row
-is shifted inward: then up to ``T - 1``), plus less than one tile: :attr:`max_held_pixels` ``<= strip * W + T * T``,
-whatever the width; each held pixel costs ``(C + 1) * 4`` bytes. Batches of ``b`` tiles shuffled within themselves
-add up to ``b`` tiles (``<= strip * W + b * T * T``). The ``crop`` blend holds one owned region at most (each cell
-is final at its tile's add). Any other order is correct too but holds every cell touched and not yet final.
+Memory: fed in :func:`stitch_order` (row-major, the last two tile rows column by column when the last is shifted
+inward) the stitcher holds the strip of rows that the next tile row will still add to, the grid's ``overlap`` rows of
+the whole width, plus a few tiles: :attr:`max_held_pixels` ``<= overlap * W + 3 * T * T``; each held pixel costs
+``(C + 1) * 4`` bytes. Plain row-major order holds ``strip = max_r (ys[r] + T - ys[r + 1])`` rows instead (up to
+``T - 1`` when the last tile row is shifted inward): ``<= strip * W + T * T``. Batches of ``b`` tiles shuffled
+within themselves add up to ``b`` tiles. The ``crop`` blend holds one owned region at most (each cell is final at
+its tile's add). Any other order is correct too but holds every cell touched and not yet final.
 
 Per pixel, contributions are summed in float32 in the order the tiles were fed, as a whole-image accumulator would:
 the same inputs in the same order give bit-identical blocks.
 
-Sinks for writers that need whole-width rows top to bottom (the pyramid TIFF writer, the work folder's bands):
-:class:`BandAssembler` regroups blocks (e.g. their uint8 class maps, see :class:`ClassMapSink`) into row bands.
+Downstream: writers take the cells as windows (:class:`ClassMapSink`); :class:`BlockAssembler` regroups them into
+fixed blocks (e.g. the grid's, :func:`block_edges`, for the work folder of a resumable run), and
+:class:`BandAssembler` into whole-width bands for consumers that need rows top to bottom.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import mmap
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -52,10 +55,47 @@ def band_edges(grid: TileGrid) -> list[int]:
     return [*grid.ys, grid.height]
 
 
+def block_edges(grid: TileGrid, blend: str) -> tuple[list[int], list[int]]:
+    """Row and column bounds of the grid's blocks, block ``(k, c)`` being final once the tiles up to ``(k, c)`` in
+    :func:`stitch_order` are in (no later tile reaches it): rows ``[ys[k], ys[k + 1])`` x columns ``[xs[c],
+    xs[c + 1])`` (the last ones up to the height / width), or under the ``crop`` blend tile ``(k, c)``'s owned
+    region, so that each of the stitcher's cells lies in one block. Block row ``k`` is band ``k``."""
+    if check_blend(blend) == "crop":
+        ys, xs = axis_bounds(grid.ys, grid.tile, grid.height), axis_bounds(grid.xs, grid.tile, grid.width)
+        return [0, *(b for _, b in ys)], [0, *(b for _, b in xs)]
+    return band_edges(grid), [*grid.xs, grid.width]
+
+
+def stitch_order(grid: TileGrid) -> list[Tile]:
+    """The grid's tiles in the order that holds the fewest accumulators: row-major, except that a tile row overlapping
+    the next by more than the grid's overlap (the last row, shifted inward) is fed together with the next, column by
+    column: ``(r, 0), (r + 1, 0), (r, 1), (r + 1, 1), ...``. In row-major order that overlap (up to ``T - 1`` rows)
+    would be held over the whole width until the next row arrives; column by column it is final tile by tile."""
+    cols, ys, t = len(grid.xs), grid.ys, grid.tile
+    tiles = list(grid)
+    order: list[Tile] = []
+    r = 0
+    while r < len(ys):
+        row = tiles[r * cols : (r + 1) * cols]
+        if r + 1 < len(ys) and ys[r] + t - ys[r + 1] > grid.overlap:
+            order += itertools.chain.from_iterable(zip(row, tiles[(r + 1) * cols : (r + 2) * cols], strict=True))
+            r += 2
+        else:
+            order += row
+            r += 1
+    return order
+
+
 def _cuts(starts: list[int], bounds: list[tuple[int, int]], tile: int, length: int, crop: bool) -> list[int]:
     """Sorted cell bounds along one axis: every edge of every tile's reach, with 0 and ``length``."""
     edges = {e for b in bounds for e in b} if crop else {e for s in starts for e in (s, min(s + tile, length))}
     return sorted(edges | {0, length})
+
+
+def _mapped_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """float32 zeros in their own anonymous memory map, unmapped when the array is freed."""
+    n = int(np.prod(shape)) * 4
+    return np.frombuffer(mmap.mmap(-1, max(n, 1)), dtype=np.float32, count=n // 4).reshape(shape)
 
 
 class SegmentationStitcher:
@@ -68,9 +108,9 @@ class SegmentationStitcher:
 
     Example::
 
-        sink = ClassMapSink(grid, writer)  # cells -> class map -> whole-width bands -> writer
+        sink = ClassMapSink(grid, writer)  # cells -> class map -> writer windows
         stitcher = SegmentationStitcher(grid, 19, "gaussian", sink)
-        for tile, logits, valid in predictions:  # logits C x T x T, valid T x T
+        for tile, logits, valid in predictions:  # in stitch_order(grid); logits C x T x T, valid T x T
             stitcher.add(tile, logits, valid)
         stitcher.finish()
         sink.finish()
@@ -204,8 +244,8 @@ class SegmentationStitcher:
         if cell is None:
             h, w = self._row_cuts[i + 1] - self._row_cuts[i], self._col_cuts[j + 1] - self._col_cuts[j]
             cell = self._cells[i, j] = (
-                np.zeros((self.num_classes, h, w), dtype=np.float32),
-                np.zeros((h, w), dtype=np.float32),
+                _mapped_zeros((self.num_classes, h, w)),
+                _mapped_zeros((h, w)),
             )
             self._held += h * w
             self._max_held = max(self._max_held, self._held)
@@ -265,48 +305,66 @@ def probabilities(logits: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 class WindowWriter(Protocol):
-    """What :class:`ClassMapSink` writes to: ``GeoTiffWriter`` and ``PyramidTiffWriter`` (``H x W [x C]``)."""
+    """What :class:`ClassMapSink` writes to: ``GeoTiffWriter`` and ``PyramidTiffWriter`` (``h x w [x C]`` windows
+    at ``(x, y)``, in any order)."""
 
     def write(self, array: np.ndarray, x: int, y: int) -> None: ...
 
 
-class BandAssembler:
-    """Regroups blocks (e.g. a :class:`SegmentationStitcher`'s cells, once reduced to class maps) into whole-width
-    row bands and hands them to ``sink`` top to bottom.
+def _check_edges(edges: list[int], what: str) -> None:
+    if len(edges) < 2 or edges[0] != 0 or any(b <= a for a, b in itertools.pairwise(edges)):
+        raise ConfigError(f"{what} edges must increase from 0 to the image's size, got {edges[:8]}")
 
-    ``edges`` are the band bounds ``0 = e_0 < e_1 < ... < e_n = height`` (e.g. :func:`band_edges`: the grid's
-    bands). Call the assembler with ``(y0, x0, *blocks)``: one or more arrays of the same ``h x w [x ...]`` pixels
-    at rows ``[y0, y0 + h)``, columns ``[x0, x0 + w)``; a block may straddle bands. Band ``k`` is handed on as
-    ``sink(e_k, *bands)`` (``(e_{k+1} - e_k) x width [x ...]``, the dtype of the first block that reached it) once
-    all its pixels have come, after every band above it. Every pixel must come exactly once.
 
-    ``bands = (a, b)`` assembles only bands ``a .. b - 1`` (e.g. a rank's share, or what a resume still needs):
-    parts of blocks outside them are dropped, and band ``a`` is the first handed on.
+class BlockAssembler:
+    """Regroups pieces of the image (e.g. a :class:`SegmentationStitcher`'s cells, once reduced to class maps) into
+    the blocks of a fixed grid, and hands each block to ``sink`` once all its pixels have come.
 
-    Memory: each band's buffers are allocated at its first block and freed when it is handed on, ``band height x
-    width x`` the bytes of one pixel of each stream (1 for a uint8 class map, ``4 * C`` for float32 probabilities).
-    Fed by a stitcher in row-major order, about one band is held (the one the current tile row completes); bands
-    below it are only touched early if their tiles are skipped early, so skip tiles in row-major order too.
+    Block ``(k, c)`` is rows ``[rows[k], rows[k + 1])`` x columns ``[cols[c], cols[c + 1])`` (edges increasing from 0
+    to the height / width; e.g. :func:`block_edges`: the grid's bands and columns of tiles). Call the assembler with
+    ``(y0, x0, *pieces)``: one or more arrays of the same ``h x w [x ...]`` pixels at rows ``[y0, y0 + h)``, columns
+    ``[x0, x0 + w)``; a piece may straddle blocks. A complete block goes out as ``sink(y0, x0, *blocks)`` (one array
+    per stream, the dtype of the first piece that reached it): at once, or with ``ordered=True`` after every block
+    before it in row-major order. Every pixel must come exactly once.
+
+    ``bands = (a, b)`` assembles only the block rows ``a .. b - 1`` (e.g. a rank's share, or what a resume still
+    needs): parts of pieces outside them are dropped.
+
+    Memory: a block's buffers exist from its first piece until it is handed on, ``block pixels x`` the bytes of one
+    pixel of each stream (1 for a uint8 class map, ``4 * C`` for float32 probabilities). Fed by a stitcher in
+    :func:`stitch_order`, the blocks are final about as fast as they are started: a few blocks are held, whatever
+    the image size (with ``ordered=True``, blocks that finish early wait for the ones before them).
     """
 
-    def __init__(self, width: int, edges: list[int], sink: RowSink, *, bands: tuple[int, int] | None = None) -> None:
-        if width < 1 or len(edges) < 2 or edges[0] != 0 or any(b <= a for a, b in itertools.pairwise(edges)):
-            raise ConfigError(f"band edges must increase from 0 to the height, got {edges[:8]} (width {width})")
-        n = len(edges) - 1
+    def __init__(
+        self,
+        rows: list[int],
+        cols: list[int],
+        sink: BlockSink | Callable[..., None],
+        *,
+        bands: tuple[int, int] | None = None,
+        ordered: bool = False,
+    ) -> None:
+        _check_edges(rows, "row")
+        _check_edges(cols, "column")
+        n = len(rows) - 1
         a, b = bands if bands is not None else (0, n)
         if not 0 <= a <= b <= n:
-            raise ConfigError(f"bands {bands} must be a range within the {n} bands")
-        self.width, self.edges, self.sink = width, list(edges), sink
+            raise ConfigError(f"bands {bands} must be a range within the {n} block rows")
+        self.rows, self.cols, self.sink, self.ordered = list(rows), list(cols), sink, ordered
+        self.width, self.height = cols[-1], rows[-1]
         self._start, self._stop = a, b
-        self._next = a  # the next band to hand on
-        self._filled = [0] * n  # pixels received, per band
-        self._bufs: dict[int, tuple[np.ndarray, ...]] = {}
+        m = len(cols) - 1
+        self._next = a * m  # ordered: the next block (row-major index) to hand on
+        self._sent = np.zeros((n, m), dtype=bool)
+        self._bufs: dict[tuple[int, int], tuple[list[int], tuple[np.ndarray, ...]]] = {}  # [missing pixels], arrays
+        self._done: dict[int, tuple[np.ndarray, ...]] = {}  # ordered: complete, waiting for the blocks before them
         self._held = 0
         self._max_held = 0
 
     @property
     def held_bytes(self) -> int:
-        """Bytes of band buffers allocated now."""
+        """Bytes of block buffers allocated now."""
         return self._held
 
     @property
@@ -315,59 +373,134 @@ class BandAssembler:
 
     @property
     def complete(self) -> bool:
-        """Every band asked for has been handed on."""
-        return self._next == self._stop
+        """Every block asked for has been handed on."""
+        return bool(self._sent[self._start : self._stop].all())
 
-    def __call__(self, y0: int, x0: int, *blocks: Any) -> None:
-        arrays = [np.asarray(b) for b in blocks]
+    def _block_name(self, k: int, c: int) -> str:
+        return f"block ({k}, {c}) (rows {self.rows[k]}..{self.rows[k + 1]}, columns {self.cols[c]}..{self.cols[c + 1]})"
+
+    def __call__(self, y0: int, x0: int, *pieces: Any) -> None:
+        arrays = [np.asarray(b) for b in pieces]
         if not arrays or any(a.ndim < 2 or a.shape[:2] != arrays[0].shape[:2] for a in arrays):
             raise InvalidRegionError(
                 f"block at ({x0}, {y0}): expected one or more h x w [x ...] arrays of the same size, got shapes "
                 f"{[a.shape for a in arrays]}"
             )
         h, w = arrays[0].shape[:2]
-        if not (0 <= x0 <= self.width - w and 0 <= y0 <= self.edges[-1] - h):
+        if not (0 <= x0 <= self.width - w and 0 <= y0 <= self.height - h):
             raise InvalidRegionError(
-                f"block of {w} x {h} pixels at ({x0}, {y0}) leaves the {self.width} x {self.edges[-1]} image"
+                f"block of {w} x {h} pixels at ({x0}, {y0}) leaves the {self.width} x {self.height} image"
             )
-        k = max(bisect.bisect_right(self.edges, y0) - 1, self._start)
-        while k < self._stop and self.edges[k] < y0 + h:
-            e0, e1 = self.edges[k], self.edges[k + 1]
-            lo, hi = max(y0, e0), min(y0 + h, e1)
-            if lo < hi:
-                if k < self._next:
-                    raise InvalidRegionError(f"band {k} (rows {e0}..{e1}) was complete already: a pixel came twice")
-                bufs = self._bufs.get(k)
-                if bufs is None:
-                    bufs = self._bufs[k] = tuple(
-                        np.empty((e1 - e0, self.width, *a.shape[2:]), dtype=a.dtype) for a in arrays
-                    )
-                    self._held += sum(b.nbytes for b in bufs)
-                    self._max_held = max(self._max_held, self._held)
-                if len(bufs) != len(arrays):
-                    raise InvalidRegionError(f"band {k}: got {len(arrays)} arrays per block, earlier {len(bufs)}")
-                for buf, a in zip(bufs, arrays, strict=True):
-                    buf[lo - e0 : hi - e0, x0 : x0 + w] = a[lo - y0 : hi - y0]
-                self._filled[k] += (hi - lo) * w
-                if self._filled[k] > (e1 - e0) * self.width:
-                    raise InvalidRegionError(f"band {k} (rows {e0}..{e1}) got more pixels than it has")
-            k += 1
-        while (
-            self._next < self._stop
-            and self._filled[self._next] == (self.edges[self._next + 1] - self.edges[self._next]) * self.width
-        ):
-            bufs = self._bufs.pop(self._next)
-            self._held -= sum(b.nbytes for b in bufs)
+        ks = range(max(bisect.bisect_right(self.rows, y0) - 1, self._start), self._stop)
+        cs = range(bisect.bisect_right(self.cols, x0) - 1, len(self.cols) - 1)
+        for k in itertools.takewhile(lambda k: self.rows[k] < y0 + h, ks):
+            r0, r1 = max(y0, self.rows[k]), min(y0 + h, self.rows[k + 1])
+            if r0 >= r1:
+                continue
+            for c in itertools.takewhile(lambda c: self.cols[c] < x0 + w, cs):
+                c0, c1 = max(x0, self.cols[c]), min(x0 + w, self.cols[c + 1])
+                if c0 < c1:
+                    self._put(k, c, [a[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0] for a in arrays], r0, c0)
+
+    def _put(self, k: int, c: int, parts: list[np.ndarray], y: int, x: int) -> None:
+        if self._sent[k, c] or (k * self._sent.shape[1] + c) in self._done:
+            raise InvalidRegionError(f"{self._block_name(k, c)} was complete already: a pixel came twice")
+        entry = self._bufs.get((k, c))
+        by, bx = self.rows[k], self.cols[c]
+        if entry is None:
+            bh, bw = self.rows[k + 1] - by, self.cols[c + 1] - bx
+            bufs = tuple(np.empty((bh, bw, *a.shape[2:]), dtype=a.dtype) for a in parts)
+            entry = self._bufs[k, c] = ([bh * bw], bufs)
+            self._held += sum(b.nbytes for b in bufs)
+            self._max_held = max(self._max_held, self._held)
+        left, bufs = entry
+        if len(bufs) != len(parts):
+            raise InvalidRegionError(
+                f"{self._block_name(k, c)}: got {len(parts)} arrays per piece, earlier {len(bufs)}"
+            )
+        h, w = parts[0].shape[:2]
+        for buf, a in zip(bufs, parts, strict=True):
+            buf[y - by : y - by + h, x - bx : x - bx + w] = a
+        left[0] -= h * w
+        if left[0] < 0:
+            raise InvalidRegionError(f"{self._block_name(k, c)} got more pixels than it has: some came twice")
+        if left[0]:
+            return
+        del self._bufs[k, c]
+        if not self.ordered:
+            self._hand_on(k, c, bufs)
+            return
+        m = self._sent.shape[1]
+        self._done[k * m + c] = bufs
+        while self._next in self._done:
+            k, c = divmod(self._next, m)
+            self._hand_on(k, c, self._done.pop(self._next))
             self._next += 1
-            self.sink(self.edges[self._next - 1], *bufs)
+
+    def _hand_on(self, k: int, c: int, bufs: tuple[np.ndarray, ...]) -> None:
+        self._held -= sum(b.nbytes for b in bufs)
+        self._sent[k, c] = True
+        self.sink(self.rows[k], self.cols[c], *bufs)
+
+    def finish(self) -> None:
+        """Check that every block asked for was handed on."""
+        if not self.complete:
+            todo = self._sent[self._start : self._stop]
+            k, c = (int(i) for i in np.argwhere(~todo)[0])
+            k += self._start
+            missing = self._bufs[k, c][0][0] if (k, c) in self._bufs else None
+            raise InvalidRegionError(
+                f"{int((~todo).sum())} blocks were never complete, the first {self._block_name(k, c)}"
+                + (f" misses {missing} pixels" if missing is not None else " got no pixel")
+                + f" (rows [0, {self.rows_done}) were handed on in full); feed every pixel of the image"
+            )
+
+    @property
+    def rows_done(self) -> int:
+        """Rows from the first block row asked for up to ``rows_done`` have been handed on in full."""
+        done = np.asarray(self._sent[self._start : self._stop].all(axis=1))
+        k = self._start + (int(np.argmin(done)) if not done.all() else done.size)
+        return self.rows[k]
+
+
+class BandAssembler:
+    """Regroups blocks into whole-width row bands handed to ``sink(y0, *bands)`` top to bottom: a
+    :class:`BlockAssembler` with one column and ``ordered=True`` (for writers that take whole-width rows).
+
+    ``edges`` are the band bounds ``0 = e_0 < e_1 < ... < e_n = height`` (e.g. :func:`band_edges`). Memory: each
+    band's buffers, ``band height x width x`` the bytes of a pixel of each stream, from its first piece until it is
+    handed on; prefer a :class:`BlockAssembler` (or writers that take windows) for wide images.
+    """
+
+    def __init__(self, width: int, edges: list[int], sink: RowSink, *, bands: tuple[int, int] | None = None) -> None:
+        if width < 1 or len(edges) < 2 or edges[0] != 0 or any(b <= a for a, b in itertools.pairwise(edges)):
+            raise ConfigError(f"band edges must increase from 0 to the height, got {edges[:8]} (width {width})")
+        self.width, self.edges = width, list(edges)
+        self._blocks = BlockAssembler(
+            self.edges, [0, width], lambda y0, x0, *bands: sink(y0, *bands), bands=bands, ordered=True
+        )
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of band buffers allocated now."""
+        return self._blocks.held_bytes
+
+    @property
+    def max_held_bytes(self) -> int:
+        return self._blocks.max_held_bytes
+
+    @property
+    def complete(self) -> bool:
+        return self._blocks.complete
+
+    def __call__(self, y0: int, x0: int, *blocks: Any) -> None:
+        self._blocks(y0, x0, *blocks)
 
     def finish(self) -> None:
         """Check that every band asked for was handed on."""
-        if not self.complete:
+        if not self._blocks.complete:
             raise InvalidRegionError(
-                f"only bands up to row {self.edges[self._next]} were complete; "
-                f"{self._filled[self._next]} of {(self.edges[self._next + 1] - self.edges[self._next]) * self.width} "
-                "pixels of the next one came. Feed every block of the image"
+                f"only bands up to row {self._blocks.rows_done} were complete; feed every block of the image"
             )
 
 
@@ -376,10 +509,8 @@ class ClassMapSink:
 
     Each cell is reduced at once to ``h x w`` class indices (see :func:`class_map`; create the writer with the same
     dtype and ``nodata``) and, with ``probs``, ``h x w x C`` float32 (see :func:`probabilities`; e.g. a
-    ``GeoTiffWriter`` with ``count=C, dtype=float32, nodata=nan``); a :class:`BandAssembler` regroups them into the
-    grid's bands, written whole-width top to bottom at ``x = 0`` as the pyramid writer requires. Memory: about one
-    band (``stride x W`` pixels) of class indices, and of probabilities with ``probs`` (``4 * C`` bytes a pixel).
-    Call :meth:`finish` after the stitcher's to check every band was written.
+    ``GeoTiffWriter`` with ``count=C, dtype=float32, nodata=nan``), and written at once as a window: the sink holds
+    nothing (the writers hold their partial tiles, see theirs). :meth:`finish` checks every pixel was written.
     """
 
     def __init__(
@@ -394,21 +525,17 @@ class ClassMapSink:
         if classes is None and probs is None:
             raise ConfigError("ClassMapSink needs a class-map writer, a probability writer, or both")
         self.classes, self.probs, self.nodata, self.dtype = classes, probs, nodata, dtype
-        self.bands = BandAssembler(grid.width, band_edges(grid), self._write)
+        self.pixels, self.total = 0, grid.width * grid.height
 
     def __call__(self, y0: int, x0: int, logits: np.ndarray, valid: np.ndarray) -> None:
-        blocks = []
         if self.classes is not None:
-            blocks.append(class_map(logits, valid, self.nodata, self.dtype))
+            self.classes.write(class_map(logits, valid, self.nodata, self.dtype), x0, y0)
         if self.probs is not None:
-            blocks.append(np.moveaxis(probabilities(logits, valid), 0, -1))
-        self.bands(y0, x0, *blocks)
+            self.probs.write(np.moveaxis(probabilities(logits, valid), 0, -1), x0, y0)
+        self.pixels += valid.size
 
     def finish(self) -> None:
-        self.bands.finish()
-
-    def _write(self, y0: int, *bands: np.ndarray) -> None:
-        if self.classes is not None:
-            self.classes.write(bands[0], 0, y0)
-        if self.probs is not None:
-            self.probs.write(bands[-1], 0, y0)
+        if self.pixels != self.total:
+            raise InvalidRegionError(
+                f"{self.pixels} of {self.total} pixels were written; feed every tile to the stitcher and finish it"
+            )

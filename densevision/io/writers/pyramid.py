@@ -1,4 +1,4 @@
-"""Pyramidal tiled TIFF output for slides (OpenSlide "generic-tiff", QuPath), fed by whole-width bands of rows.
+"""Pyramidal tiled TIFF output for slides (OpenSlide "generic-tiff", QuPath), fed by windows in any order.
 
 Layout: one top-level IFD per level (level 0 first, then each level halved, until a level fits in one tile), all
 tiled and deflate-compressed, resolution in pixels per centimetre (``ResolutionUnit = CENTIMETER``) so that
@@ -61,7 +61,9 @@ def downsample2(a: np.ndarray, how: Downsampling) -> np.ndarray:
 
 
 class PyramidLevel:
-    """One pyramid level: collects rows into a band of ``tile_size`` rows, encodes full bands into tiles appended
+    """One pyramid level fed by whole-width rows top to bottom (for generators that produce rows, e.g.
+    :func:`densevision.io.synthetic.make_slide`; :class:`PyramidTiffWriter` takes windows, see :class:`TileLevel`):
+    collects rows into a band of ``tile_size`` rows, encodes full bands into tiles appended
     to a spool file with ``encode`` (tile array -> compressed bytes), and hands each finished band on (to be
     halved for the next level). Padding of the bottom / right tiles is ``fill``."""
 
@@ -115,6 +117,87 @@ class PyramidLevel:
             yield spool.read(length)
 
 
+class TileLevel:
+    """One pyramid level fed by windows in any order: each ``tile_size``-square tile is held from its first pixel
+    until its last, then encoded into the spool file (recorded under its row-major index) and handed on.
+
+    Memory: the tiles touched and not yet complete, ``tile_size ** 2 * samples`` bytes each (padding included).
+    """
+
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        samples: int,
+        tile_size: int,
+        encode: Callable[[np.ndarray], bytes],
+        fill: int = 0,
+    ) -> None:
+        self.width, self.height, self.samples, self.tile_size = width, height, samples, tile_size
+        self.encode, self.fill = encode, fill
+        self.cols, self.rows = -(-width // tile_size), -(-height // tile_size)
+        self.offsets = np.zeros(self.rows * self.cols, dtype=np.uint64)
+        self.lengths = np.zeros(self.rows * self.cols, dtype=np.uint64)
+        self.done = np.zeros(self.rows * self.cols, dtype=bool)
+        self.pixels = 0  # pixels received
+        self._partial: dict[int, tuple[np.ndarray, list[int]]] = {}  # index -> (tile, [pixels still missing])
+
+    @property
+    def complete(self) -> bool:
+        return self.pixels == self.width * self.height
+
+    @property
+    def held_tiles(self) -> int:
+        return len(self._partial)
+
+    def _area(self, tx: int, ty: int) -> int:
+        t = self.tile_size
+        return min(t, self.height - ty * t) * min(t, self.width - tx * t)
+
+    def put(self, a: np.ndarray, x: int, y: int, spool: BinaryIO) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Add ``a`` (``h x w x samples``, inside the level) at ``(x, y)``; yield ``(tx, ty, pixels)`` for each tile
+        it completes: its column, row and ``h x w x samples`` pixels (without padding)."""
+        t = self.tile_size
+        h, w = a.shape[:2]
+        for ty in range(y // t, -(-(y + h) // t)):
+            for tx in range(x // t, -(-(x + w) // t)):
+                i = ty * self.cols + tx
+                y0, y1 = max(y, ty * t), min(y + h, (ty + 1) * t)
+                x0, x1 = max(x, tx * t), min(x + w, (tx + 1) * t)
+                entry = self._partial.get(i)
+                if entry is None:
+                    if self.done[i]:
+                        raise InvalidRegionError(
+                            f"pixels ({x0}, {y0})..({x1}, {y1}) of tile ({tx}, {ty}) came twice: that tile was "
+                            "complete already; write every pixel exactly once"
+                        )
+                    tile = np.full((t, t, self.samples), self.fill, dtype=np.uint8)
+                    entry = self._partial[i] = (tile, [self._area(tx, ty)])
+                tile, left = entry
+                tile[y0 - ty * t : y1 - ty * t, x0 - tx * t : x1 - tx * t] = a[y0 - y : y1 - y, x0 - x : x1 - x]
+                left[0] -= (y1 - y0) * (x1 - x0)
+                self.pixels += (y1 - y0) * (x1 - x0)
+                if left[0] < 0:
+                    raise InvalidRegionError(
+                        f"tile ({tx}, {ty}) got more pixels than it has: some came twice; write every pixel "
+                        "exactly once"
+                    )
+                if left[0] == 0:
+                    del self._partial[i]
+                    data = self.encode(tile)  # padding stays ``fill``: deterministic bytes
+                    self.offsets[i] = spool.tell()
+                    self.lengths[i] = len(data)
+                    spool.write(data)
+                    self.done[i] = True
+                    yield tx, ty, tile[: min(t, self.height - ty * t), : min(t, self.width - tx * t)]
+
+    def tiles(self, spool: BinaryIO) -> Iterator[bytes]:
+        """The encoded tiles in row-major order (the order of the TIFF's tile table)."""
+        for offset, length in zip(self.offsets.tolist(), self.lengths.tolist(), strict=True):
+            spool.seek(offset)
+            yield spool.read(length)
+
+
 class PyramidTiffWriter(AtomicWriter):
     """A pyramidal, tiled, deflate-compressed uint8 TIFF of ``width x height`` pixels for slide outputs.
 
@@ -122,10 +205,18 @@ class PyramidTiffWriter(AtomicWriter):
     ``mode`` unless ``downsampling`` says otherwise). ``samples=3``: an RGB overlay (lower levels by ``mean``).
     ``mpp`` is the level-0 resolution in microns per pixel (``x, y`` or one number), stored as pixels per cm.
 
-    Feed level 0 with :meth:`write` as whole-width bands of rows, top to bottom, of any heights. Memory: one band
-    of ``tile_size`` rows per level (about ``2 x tile_size x width x samples`` bytes in all). Encoded tiles are
-    spooled to ``<path>.spool.partial`` and copied into the TIFF by :meth:`close`, so the directory needs about
-    twice the output's size while writing.
+    Feed level 0 with :meth:`write`: windows of any size, in any order, every pixel exactly once. A tile is encoded
+    as soon as its last pixel arrives, and its 2 x 2 reduction goes into the level below (tiles start at multiples
+    of ``tile_size``, which is even, so the reduction per tile equals the reduction of the whole level). The file
+    does not depend on the order of the windows.
+
+    Memory: the tiles started and not yet complete, ``tile_size ** 2 * samples`` bytes each, on every level. Whole-
+    width bands top to bottom hold one row of tiles per level (about ``2 x tile_size x width x samples`` bytes in
+    all); windows fed in column strips ``S`` pixels wide (``S`` a multiple of ``tile_size``), top to bottom within
+    each strip, hold about ``2 x tile_size x S x samples`` bytes plus, on the levels whose tiles are wider than the
+    strip, one column of tiles (``height / 2**level x tile_size`` bytes; small). Encoded tiles are spooled to
+    ``<path>.spool.partial`` and copied into the TIFF by :meth:`close`, so the directory needs about twice the
+    output's size while writing.
     """
 
     def __init__(
@@ -165,45 +256,50 @@ class PyramidTiffWriter(AtomicWriter):
         def encode(tile: np.ndarray) -> bytes:
             return bytes(imagecodecs.zlib_encode(tile.tobytes(), level=compression_level))
 
-        self._levels = [PyramidLevel(w, h, samples, tile_size, encode) for w, h in self.level_dimensions]
-        self._next_row = 0
+        self._levels = [TileLevel(w, h, samples, tile_size, encode) for w, h in self.level_dimensions]
         self._spool_path = sibling(self.path, ".spool.partial")
         try:
             self._spool: BinaryIO = open(self._spool_path, "w+b")  # noqa: SIM115 (closed by close/abort)
         except OSError as e:
             raise self._open_error(e) from e
 
+    @property
+    def held_tiles(self) -> int:
+        """Tiles started and not yet complete, all levels together (``tile_size ** 2 * samples`` bytes each)."""
+        return sum(lv.held_tiles for lv in self._levels)
+
     def write(self, array: np.ndarray, x: int, y: int) -> None:
-        """Write the next band of level-0 rows: ``array`` is ``H x width`` (or ``H x width x samples``), ``x``
-        must be 0 and ``y`` the first row not yet written."""
+        """Write ``array`` (``h x w`` or ``h x w x samples``) with its top-left at level-0 pixel ``(x, y)``; the
+        window must lie inside the image and hold no pixel written before."""
         self._check_open()
         a = np.asarray(array)
         if a.ndim == 2:
             a = a[..., None]
-        where = f"{self.path}: band at ({x}, {y})"
+        where = f"{self.path}: window at ({x}, {y})"
         if a.ndim != 3 or a.shape[2] != self.samples:
             raise InvalidRegionError(
                 f"{where}: expected an H x W x {self.samples} (or H x W) array, got shape {array.shape}"
             )
-        if x != 0 or a.shape[1] != self.width or y != self._next_row:
+        h, w = a.shape[:2]
+        if x < 0 or y < 0 or x + w > self.width or y + h > self.height:
             raise InvalidRegionError(
-                f"{where} of {a.shape[1]} x {a.shape[0]} pixels: a pyramid TIFF takes whole-width bands "
-                f"({self.width} pixels wide) top to bottom; the next band starts at (0, {self._next_row})"
+                f"{where} of {w} x {h} pixels leaves the {self.width} x {self.height} image; crop it first"
             )
-        if y + a.shape[0] > self.height:
-            raise InvalidRegionError(f"{where}: {a.shape[0]} rows run past the output's {self.height} rows")
-        self._feed(0, cast_window(a, np.dtype(np.uint8), where))
-        self._next_row += a.shape[0]
+        if h and w:
+            self._put(0, cast_window(a, np.dtype(np.uint8), where), x, y)
 
-    def _feed(self, level: int, rows: np.ndarray) -> None:
-        for band in self._levels[level].push(rows, self._spool):
+    def _put(self, level: int, a: np.ndarray, x: int, y: int) -> None:
+        half = self.tile_size // 2
+        for tx, ty, tile in self._levels[level].put(a, x, y, self._spool):
             if level + 1 < len(self._levels):
-                self._feed(level + 1, downsample2(band, self.downsampling))
+                self._put(level + 1, downsample2(tile, self.downsampling), tx * half, ty * half)
 
     def _finish(self) -> None:
-        if self._next_row != self.height:
+        if not self._levels[0].complete:
             raise InvalidRegionError(
-                f"{self.path}: only {self._next_row} of {self.height} rows were written; nothing was saved"
+                f"{self.path}: {self.width * self.height - self._levels[0].pixels} of {self.width * self.height} "
+                "pixels were never "
+                "written; nothing was saved. Write every pixel of the image"
             )
         assert all(lv.complete for lv in self._levels)
         self._spool.flush()
