@@ -154,6 +154,23 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from densevision.demo.run import report, run_demo
+
+    summary = run_demo(
+        args.data,
+        args.out,
+        size=args.size,
+        cache_dir=args.cache_dir,
+        retrain=args.retrain,
+        sam_checkpoint=args.sam,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print("\n".join(report(summary)))
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", required=True, help="mmsegmentation / mmdetection config file (.py)")
     p.add_argument("-w", "--checkpoint", help="model weights (.pth); without it the model keeps its initialisation")
@@ -256,6 +273,30 @@ def build_parser() -> argparse.ArgumentParser:
             "--resume", action="store_true", help="continue an interrupted run from its OUT.partial.d work folder"
         )
         det.set_defaults(func=cmd_detect)
+
+    from densevision.demo import SIZES
+
+    demo = sub.add_parser("demo", help="the main job on generated big images from the sample data, scored")
+    demo.add_argument("--data", help="sample data folder (default: ../shared/data beside the repository)")
+    demo.add_argument("-o", "--out", help="output folder (default: outputs/demo in the repository)")
+    demo.add_argument(
+        "--size", default="full", choices=SIZES,
+        help="full: 16384^2 slide and 8192^2 scene; small; tiny: seconds, for tests (default: full)",
+    )  # fmt: skip
+    demo.add_argument("--cache-dir", help="trained-model cache (default: ~/.cache/densevision/demo)")
+    demo.add_argument("--retrain", action="store_true", help="train the models even when they are cached")
+    demo.add_argument("--sam", metavar="SAM_CHECKPOINT", help="also segment the scene's objects with box-prompted SAM")
+    demo.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda:N (default: auto)")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo)
+
+    # The same flags and code as tools/train.py and tools/test.py, with -c / -w / -o as the other commands.
+    from densevision.apis.train import add_test_arguments, add_train_arguments, run_test, run_train
+
+    train = sub.add_parser("train", help="fine-tune an mmdet / mmseg config on COCO- or ADE20k-format data")
+    add_train_arguments(train, flags=True).set_defaults(func=run_train)
+    test = sub.add_parser("test", help="evaluate a checkpoint: COCO bbox / segm mAP, or ADE20k mIoU")
+    add_test_arguments(test, flags=True).set_defaults(func=run_test)
     return parser
 
 

@@ -60,3 +60,7 @@ class ConfigError(DenseVisionError, ValueError):
 
 class OutputError(DenseVisionError, OSError):
     """An output location cannot be written."""
+
+
+class DatasetError(DenseVisionError, ValueError):
+    """A training / evaluation dataset is missing, malformed, or does not fit the config (checked before training)."""

@@ -1,5 +1,9 @@
-# UperNet on a Swin-T backbone for ADE20k-format data (150 classes), 512 x 512 crops. Self-contained (no _base_):
-# what you read here is the whole model. Dataset and schedule for fine-tuning come with the training configs.
+# UperNet on a Swin-T backbone for ADE20k-format data (150 classes), 512 x 512 crops, as upstream mmseg
+# swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py. The whole model is written here; data,
+# evaluator, schedule and runtime come from the one `_base_`. No pretrained weights are named (nothing downloads);
+# start from ImageNet Swin-T weights with
+#   --cfg-options model.backbone.init_cfg.type=Pretrained model.backbone.init_cfg.checkpoint=swin_tiny_224.pth
+_base_ = ["../_base_/ade20k_segmentation.py"]
 default_scope = "mmseg"
 crop_size = (512, 512)
 num_classes = 150
@@ -65,4 +69,17 @@ model = dict(
     ),
     train_cfg=dict(),
     test_cfg=dict(mode="slide", crop_size=crop_size, stride=(448, 448)),
+)
+
+# AdamW, no weight decay on position tables and norms (upstream Swin UperNet).
+optim_wrapper = dict(
+    type="OptimWrapper",
+    optimizer=dict(type="AdamW", lr=0.00006, betas=(0.9, 0.999), weight_decay=0.01),
+    paramwise_cfg=dict(
+        custom_keys={
+            "absolute_pos_embed": dict(decay_mult=0.0),
+            "relative_position_bias_table": dict(decay_mult=0.0),
+            "norm": dict(decay_mult=0.0),
+        }
+    ),
 )
