@@ -52,3 +52,12 @@ def test_level_geometry_uses_real_downsamples(data_dir):
             read_geometry(src, mpp=2.0)
     with open_image(data_dir / "wsi/small.svs") as src, pytest.raises(ConfigError):
         read_geometry(src, level=0, mpp=1.0)
+
+
+def test_heap_growth_is_bounded_on_glibc():
+    """The runner fixes glibc's mmap threshold (see densevision.engine.heap); elsewhere it says it did nothing."""
+    import platform
+
+    from densevision.engine.heap import bound_heap_growth
+
+    assert bound_heap_growth() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from densevision.engine.heap import bound_heap_growth
 from densevision.engine.reader import TileDataset, tile_loader
 
 # (tile indexes, the predictor's output for the batch on the host, valid B x T x T) -> None. Segmentation
@@ -90,6 +91,7 @@ class TileRunner:
     progress: bool = True
 
     def run(self, dataset: TileDataset, predict: Callable[[torch.Tensor], Any], consume: BatchConsumer) -> RunStats:
+        bound_heap_growth()
         stats = RunStats()
         start = time.perf_counter()
         cuda = self.device.type == "cuda"
