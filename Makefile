@@ -12,9 +12,11 @@ $(STAMP): pyproject.toml tools/install.sh
 
 setup: $(STAMP)
 
-# The main job (until the demo lands): describe a real slide and a real GeoTIFF.
+# The main job: big images built from the real sample data with planted objects, small models trained on the same
+# kind of images (cached in ~/.cache/densevision/demo), the slide segmented and the scene's objects detected tile by
+# tile, scored against the planted truth. Outputs and demo_summary.json in outputs/demo/.
 demo: setup
-	$(BIN)/densevision info $(DATA)/wsi/CMU-1-Small-Region.svs $(DATA)/geotiff/RGB.byte.tif
+	$(BIN)/densevision demo --data $(DATA)
 
 lint: setup
 	$(BIN)/ruff check densevision tests tools benchmarks configs

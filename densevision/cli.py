@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", help="sample data folder (default: ../shared/data beside the repository)")
     demo.add_argument("-o", "--out", help="output folder (default: outputs/demo in the repository)")
     demo.add_argument(
-        "--size", default="full", choices=SIZES,
-        help="full: 16384^2 slide and 8192^2 scene; small; tiny: seconds, for tests (default: full)",
+        "--size", default="small", choices=SIZES,
+        help="small: 8192^2 slide and 4096^2 scene (default); full: 16384^2 and 8192^2; tiny: seconds, for tests",
     )  # fmt: skip
     demo.add_argument("--cache-dir", help="trained-model cache (default: ~/.cache/densevision/demo)")
     demo.add_argument("--retrain", action="store_true", help="train the models even when they are cached")

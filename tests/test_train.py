@@ -379,3 +379,19 @@ def test_torchrun_two_cpu_processes(ade, configs, tmp_path):
     # Rank 0's window-averaged loss falls at every step, as it does in one process.
     assert len(losses) == 6 and (np.diff(losses) < 0).all(), losses
     assert proc.stdout.count("checkpoint: ") == 1  # rank 0 reports
+
+
+@pytest.mark.parametrize("max_iters,warmup_end", [(50, None), (200, None), (2000, 19)])
+def test_schedule_compressed_to_max_iters(max_iters, warmup_end):
+    """UperNet's 1500-iteration warmup of 160k iterations shrinks with the run; one too short to ramp is dropped
+    (mmengine's LinearLR stops a step short of its end factor: a 2-iteration warmup would halve the whole run's lr)."""
+    from densevision.apis.train import _scale_schedule, load_config
+
+    cfg = load_config(REPO / "configs" / "segmentation" / "upernet_swin-t_ade20k-512.py")
+    _scale_schedule(cfg, max_iters)
+    kinds = {s["type"]: s for s in cfg.param_scheduler}
+    assert ("LinearLR" in kinds) == (warmup_end is not None)
+    if warmup_end is not None:
+        assert (kinds["LinearLR"]["begin"], kinds["LinearLR"]["end"]) == (0, warmup_end)
+    assert kinds["PolyLR"]["end"] == max_iters and not kinds["PolyLR"]["by_epoch"]
+    assert cfg.train_cfg == {"type": "IterBasedTrainLoop", "max_iters": max_iters, "val_interval": max_iters}

@@ -357,6 +357,11 @@ def resolve_data(
 # Schedule and runtime
 
 
+# Learning-rate warmups (mmengine schedulers that ramp a factor up to 1), and the shortest one worth keeping.
+WARMUPS = ("LinearLR", "ConstantLR")
+MIN_WARMUP = 10
+
+
 def _scaled(value: float, factor: float, cap: int) -> int:
     return min(cap, round(value * factor))
 
@@ -364,8 +369,9 @@ def _scaled(value: float, factor: float, cap: int) -> int:
 def _scale_schedule(cfg: Any, max_iters: int) -> None:
     """Run ``max_iters`` iterations: an iteration loop of that length, and the config's learning-rate schedule
     compressed to it (milestones, begin and end scaled by max_iters / the config's length), so warmup and decay
-    keep their shape in a short run; a scheduler left with no whole iteration is dropped. Iteration-based warmups
-    of an epoch-based config keep their length (clipped to the run)."""
+    keep their shape in a short run; a scheduler left with no whole iteration, or a warmup left shorter than
+    MIN_WARMUP iterations, is dropped. Iteration-based warmups of an epoch-based config keep their length (clipped to
+    the run)."""
     loop = cfg.train_cfg
     by_epoch = "max_epochs" in loop or loop.get("type") == "EpochBasedTrainLoop"
     total = loop["max_epochs"] if by_epoch else loop["max_iters"]
@@ -379,6 +385,10 @@ def _scale_schedule(cfg: Any, max_iters: int) -> None:
         end = _scaled(end, f, max_iters) if math.isfinite(end) else max_iters
         if end <= begin:
             continue  # e.g. a 1500-iteration warmup of a 160k schedule in a 50-iteration run: no iteration left
+        if s.get("type") in WARMUPS and end - begin < MIN_WARMUP:
+            # mmengine's warmups stop one step short of their end factor: compressed to an iteration or two they
+            # would leave the whole run at start_factor (1e-6) or half the learning rate.
+            continue
         s["begin"], s["end"] = begin, end
         if "milestones" in s:
             s["milestones"] = [_scaled(m, f, max_iters) for m in s["milestones"]]

@@ -105,7 +105,7 @@ def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
     return {"counts": runs, "size": [int(mask.shape[0]), int(mask.shape[1])]}
 
 
-def _compressed_rle(mask: np.ndarray) -> dict[str, Any]:
+def compressed_rle(mask: np.ndarray) -> dict[str, Any]:
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"counts": rle["counts"].decode("ascii"), "size": [int(v) for v in rle["size"]]}
 
@@ -241,7 +241,7 @@ def make_coco_dataset(
             images.append({"id": image_id, "file_name": name, "width": w, "height": h})
             entries: list[tuple[Shape, Any, np.ndarray, bool]] = []
             for shape, polygon, m in scene.objects:
-                entries.append((shape, _compressed_rle(m) if polygon is None else [polygon], m, False))
+                entries.append((shape, compressed_rle(m) if polygon is None else [polygon], m, False))
             if scene.crowd is not None:
                 entries.append(("disc", _uncompressed_rle(scene.crowd), scene.crowd, True))
             for shape, seg, m, iscrowd in entries:
