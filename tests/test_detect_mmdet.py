@@ -50,7 +50,7 @@ def scene(data_dir, tmp_path_factory):
     return path
 
 
-def reference(checkpoint: Path, scene: Path) -> tuple[TileGrid, list]:
+def reference(checkpoint: Path, scene: Path, threshold: float = 0.0) -> tuple[TileGrid, list]:
     """mmdet's own inference on each tile's crop (no resize), shifted to image coordinates."""
     from mmcv.transforms import Compose
     from mmdet.apis import inference_detector, init_detector
@@ -76,7 +76,7 @@ def reference(checkpoint: Path, scene: Path) -> tuple[TileGrid, list]:
     for t in grid:
         crop = np.ascontiguousarray(rgb[t.y : t.y + TILE, t.x : t.x + TILE, ::-1])  # BGR, as mmcv loads
         p = inference_detector(model, crop, test_pipeline=pipeline).pred_instances
-        keep = (p.scores >= THRESHOLD).numpy()
+        keep = (p.scores >= threshold).numpy()
         boxes = p.bboxes.numpy()[keep] + [t.x, t.y, t.x, t.y]
         items.append((t, boxes, p.scores.numpy()[keep], p.labels.numpy()[keep]))
     return grid, items
@@ -84,13 +84,20 @@ def reference(checkpoint: Path, scene: Path) -> tuple[TileGrid, list]:
 
 def test_dino_tiles_equal_mmdet_inference_and_merge(checkpoint, scene, tmp_path):
     grid, items = reference(checkpoint, scene)
+    # Random weights score near a constant whose value depends on the init: keep about the top fifth, with the
+    # threshold in the widest gap between scores there, so that float noise cannot move a box across it.
+    scores = np.sort(np.concatenate([i[2] for i in items]))
+    k = np.arange(int(0.75 * len(scores)), int(0.85 * len(scores)))
+    best = k[np.argmax(scores[k + 1] - scores[k])]
+    threshold = float((scores[best] + scores[best + 1]) / 2)
+    items = [(t, b[s >= threshold], s[s >= threshold], lb[s >= threshold]) for t, b, s, lb in items]
     expected = merge_detections(grid, items, method="nmm", match="ios", threshold=0.5)
     assert sum(len(i[1]) for i in items) > len(expected) > 0  # random weights, but boxes enough to merge
 
     out = tmp_path / "dino.geojson"
     summary = detect_objects(
         scene, CONFIG, checkpoint, out=out, cfg_options=OPTIONS, tile=TILE, overlap=OVERLAP, batch_size=2,
-        score_threshold=THRESHOLD, workers=0, native_crs=True, device="cpu", progress=False,
+        score_threshold=threshold, workers=0, native_crs=True, device="cpu", progress=False,
     )  # fmt: skip
     assert summary["model"]["classes"] == list(CLASSES)
     assert summary["detections"]["raw"] == sum(len(i[1]) for i in items)
