@@ -22,7 +22,7 @@ from densevision.tiling import TileGrid
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detection" / "dino_swin-t_fpn_coco.py"
 CLASSES = ("ship", "tank")
 SIZE = (400, 256)  # two 256-px tiles side by side, overlapping by 112 px
-TILE, OVERLAP, THRESHOLD = 256, 112, 0.5
+TILE, OVERLAP = 256, 112
 # Few queries keep the CPU time down; the architecture is the config's.
 OPTIONS = {"model.num_queries": 100, "model.bbox_head.num_classes": len(CLASSES), "model.test_cfg.max_per_img": 100}
 
@@ -82,15 +82,21 @@ def reference(checkpoint: Path, scene: Path, threshold: float = 0.0) -> tuple[Ti
     return grid, items
 
 
-def test_dino_tiles_equal_mmdet_inference_and_merge(checkpoint, scene, tmp_path):
+@pytest.fixture(scope="module")
+def reference_run(checkpoint, scene) -> tuple[TileGrid, list, float]:
+    """The reference detections above a threshold that keeps about the top fifth of them. Random weights score near
+    a constant whose value depends on the init; the threshold sits in the widest gap between scores there, so that
+    float noise cannot move a box across it."""
     grid, items = reference(checkpoint, scene)
-    # Random weights score near a constant whose value depends on the init: keep about the top fifth, with the
-    # threshold in the widest gap between scores there, so that float noise cannot move a box across it.
     scores = np.sort(np.concatenate([i[2] for i in items]))
     k = np.arange(int(0.75 * len(scores)), int(0.85 * len(scores)))
     best = k[np.argmax(scores[k + 1] - scores[k])]
     threshold = float((scores[best] + scores[best + 1]) / 2)
-    items = [(t, b[s >= threshold], s[s >= threshold], lb[s >= threshold]) for t, b, s, lb in items]
+    return grid, [(t, b[s >= threshold], s[s >= threshold], lb[s >= threshold]) for t, b, s, lb in items], threshold
+
+
+def test_dino_tiles_equal_mmdet_inference_and_merge(reference_run, checkpoint, scene, tmp_path):
+    grid, items, threshold = reference_run
     expected = merge_detections(grid, items, method="nmm", match="ios", threshold=0.5)
     assert sum(len(i[1]) for i in items) > len(expected) > 0  # random weights, but boxes enough to merge
 
@@ -128,7 +134,7 @@ def test_checkpoint_of_another_model_is_refused_with_key_names(checkpoint, tmp_p
 
 
 @pytest.mark.slow
-def test_instances_cli_dino_boxes_prompt_sam_vit_b(checkpoint, scene, tmp_path):
+def test_instances_cli_dino_boxes_prompt_sam_vit_b(reference_run, checkpoint, scene, tmp_path):
     """`densevision instances` end to end on the CPU: the DINO checkpoint's boxes prompt SAM ViT-B (official layout,
     written here); every object becomes one polygon feature, and the COCO results carry its RLE."""
     import segment_anything
@@ -142,7 +148,7 @@ def test_instances_cli_dino_boxes_prompt_sam_vit_b(checkpoint, scene, tmp_path):
     opts = [f"{k}={v}" for k, v in OPTIONS.items()]
     code = main(
         ["instances", str(scene), "-c", str(CONFIG), "-w", str(checkpoint), "--sam", str(sam), "-o", str(out),
-         "--tile", str(TILE), "--overlap", str(OVERLAP), "--score-threshold", str(THRESHOLD), "--workers", "0",
+         "--tile", str(TILE), "--overlap", str(OVERLAP), "--score-threshold", str(reference_run[2]), "--workers", "0",
          "--coco", str(tmp_path / "coco.json"), "--device", "cpu", "-q", "--cfg-options", *opts]
     )  # fmt: skip
     assert code == 0
