@@ -62,17 +62,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cfg_options(pairs: list[str] | None) -> dict[str, Any] | None:
-    """``key=value`` overrides of the model config, parsed as mmengine's ``--cfg-options`` are."""
-    if not pairs:
-        return None
-    from mmengine.config import DictAction
-
-    ns = argparse.Namespace()
-    DictAction(option_strings=["--cfg-options"], dest="cfg_options")(argparse.ArgumentParser(), ns, pairs)
-    return dict(ns.cfg_options)
-
-
 def cmd_segment(args: argparse.Namespace) -> int:
     from densevision.apis import segment_image
 
@@ -94,7 +83,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         workers=args.workers,
         probability_output=args.probabilities,
         skip_empty=not args.keep_empty,
-        cfg_options=_cfg_options(args.cfg_options),
+        cfg_options=args.cfg_options,
         trust_checkpoint=args.trust_checkpoint,
         resume=args.resume,
         progress=not args.quiet,
@@ -138,7 +127,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         skip_empty=not args.keep_empty,
         coco_out=args.coco,
         native_crs=args.native_crs,
-        cfg_options=_cfg_options(args.cfg_options),
+        cfg_options=args.cfg_options,
         trust_checkpoint=args.trust_checkpoint,
         resume=args.resume,
         progress=not args.quiet,
@@ -174,7 +163,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", required=True, help="mmsegmentation / mmdetection config file (.py)")
     p.add_argument("-w", "--checkpoint", help="model weights (.pth); without it the model keeps its initialisation")
-    p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config entries, as in mmengine")
+    from densevision.apis.train import CfgOptions
+
+    p.add_argument(
+        "--cfg-options",
+        nargs="+",
+        action=CfgOptions,
+        metavar="KEY=VALUE",
+        help="override config entries, as in mmengine",
+    )
     p.add_argument(
         "--trust-checkpoint", action="store_true", help="unpickle arbitrary objects in the checkpoint (runs its code!)"
     )

@@ -683,7 +683,7 @@ def _model_file(parser: argparse.ArgumentParser, name: str, short: str, text: st
         parser.add_argument(name, help=text)
 
 
-class _CfgOptions(argparse.Action):
+class CfgOptions(argparse.Action):
     """mmengine's ``DictAction`` (``key=value`` pairs, lists as ``key='[a,b]'``), imported when the flag is used."""
 
     def __call__(
@@ -700,7 +700,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cfg-options",
         nargs="+",
-        action=_CfgOptions,
+        action=CfgOptions,
         metavar="KEY=VALUE",
         help="override config entries, e.g. model.backbone.init_cfg.checkpoint=x.pth (lists: key='[a,b]')",
     )
