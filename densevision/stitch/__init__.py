@@ -2,8 +2,7 @@
 
 - :mod:`~densevision.stitch.blend`: blend windows (``crop``, ``gaussian``, ``hann``, ``constant``).
 - :class:`SegmentationStitcher`: blended float32 accumulation of segmentation logits, each cell emitted as soon as
-  it is final; :class:`BandAssembler` regroups cells into whole-width bands; :class:`ClassMapSink`,
-  :func:`class_map`, :func:`probabilities` turn them into writer input.
+  it is final; :class:`ClassMapSink`, :func:`class_map`, :func:`probabilities` turn cells into writer input.
 - :class:`DetectionMerger`: streaming NMS / NMM / greedy NMM of per-tile detections into whole objects.
 - :mod:`~densevision.stitch.instances`: masks to whole-image polygons (:func:`mask_to_polygons`), pieces of one
   object joined (:func:`merge_instance_polygons`), one window per merged box to prompt it in (:func:`prompt_windows`).
@@ -13,10 +12,8 @@ from densevision.stitch.blend import BLEND_MODES, blend_window, check_blend, cro
 from densevision.stitch.detection import DetectionMerger, Detections, DetectionSink, merge_detections
 from densevision.stitch.instances import PromptWindow, mask_to_polygons, merge_instance_polygons, prompt_windows
 from densevision.stitch.segmentation import (
-    BandAssembler,
     BlockSink,
     ClassMapSink,
-    RowSink,
     SegmentationStitcher,
     WindowWriter,
     band_edges,
@@ -26,14 +23,12 @@ from densevision.stitch.segmentation import (
 
 __all__ = [
     "BLEND_MODES",
-    "BandAssembler",
     "BlockSink",
     "ClassMapSink",
     "DetectionMerger",
     "DetectionSink",
     "Detections",
     "PromptWindow",
-    "RowSink",
     "SegmentationStitcher",
     "WindowWriter",
     "band_edges",

@@ -20,8 +20,7 @@ Per pixel, contributions are summed in float32 in the order the tiles were fed, 
 the same inputs in the same order give bit-identical blocks.
 
 Downstream: writers take the cells as windows (:class:`ClassMapSink`); :class:`BlockAssembler` regroups them into
-fixed blocks (e.g. the grid's, :func:`block_edges`, for the work folder of a resumable run), and
-:class:`BandAssembler` into whole-width bands for consumers that need rows top to bottom.
+fixed blocks (e.g. the grid's, :func:`block_edges`, for the work folder of a resumable run).
 """
 
 from __future__ import annotations
@@ -43,10 +42,6 @@ from densevision.tiling.grid import Tile, TileGrid, axis_bounds
 # the blended logits (NaN where no tile had weight); valid: h x w bool, False there. Every pixel of the image is in
 # exactly one call; the stitcher keeps no reference to the arrays (the sink may keep or modify them).
 BlockSink = Callable[[int, int, np.ndarray, np.ndarray], None]
-
-# sink(y0, *bands): whole-width rows [y0, y0 + h) from a BandAssembler, top to bottom; each band h x W [x ...], one
-# per array stream given to the assembler.
-RowSink = Callable[..., None]
 
 
 def band_edges(grid: TileGrid) -> list[int]:
@@ -324,8 +319,8 @@ class BlockAssembler:
     to the height / width; e.g. :func:`block_edges`: the grid's bands and columns of tiles). Call the assembler with
     ``(y0, x0, *pieces)``: one or more arrays of the same ``h x w [x ...]`` pixels at rows ``[y0, y0 + h)``, columns
     ``[x0, x0 + w)``; a piece may straddle blocks. A complete block goes out as ``sink(y0, x0, *blocks)`` (one array
-    per stream, the dtype of the first piece that reached it): at once, or with ``ordered=True`` after every block
-    before it in row-major order. Every pixel must come exactly once.
+    per stream, the dtype of the first piece that reached it) as soon as it is complete. Every pixel must come exactly
+    once.
 
     ``bands = (a, b)`` assembles only the block rows ``a .. b - 1`` (e.g. a rank's share, or what a resume still
     needs): parts of pieces outside them are dropped.
@@ -333,7 +328,7 @@ class BlockAssembler:
     Memory: a block's buffers exist from its first piece until it is handed on, ``block pixels x`` the bytes of one
     pixel of each stream (1 for a uint8 class map, ``4 * C`` for float32 probabilities). Fed by a stitcher in
     :func:`stitch_order`, the blocks are final about as fast as they are started: a few blocks are held, whatever
-    the image size (with ``ordered=True``, blocks that finish early wait for the ones before them).
+    the image size.
     """
 
     def __init__(
@@ -343,7 +338,6 @@ class BlockAssembler:
         sink: BlockSink | Callable[..., None],
         *,
         bands: tuple[int, int] | None = None,
-        ordered: bool = False,
     ) -> None:
         _check_edges(rows, "row")
         _check_edges(cols, "column")
@@ -351,14 +345,11 @@ class BlockAssembler:
         a, b = bands if bands is not None else (0, n)
         if not 0 <= a <= b <= n:
             raise ConfigError(f"bands {bands} must be a range within the {n} block rows")
-        self.rows, self.cols, self.sink, self.ordered = list(rows), list(cols), sink, ordered
+        self.rows, self.cols, self.sink = list(rows), list(cols), sink
         self.width, self.height = cols[-1], rows[-1]
         self._start, self._stop = a, b
-        m = len(cols) - 1
-        self._next = a * m  # ordered: the next block (row-major index) to hand on
-        self._sent = np.zeros((n, m), dtype=bool)
+        self._sent = np.zeros((n, len(cols) - 1), dtype=bool)
         self._bufs: dict[tuple[int, int], tuple[list[int], tuple[np.ndarray, ...]]] = {}  # [missing pixels], arrays
-        self._done: dict[int, tuple[np.ndarray, ...]] = {}  # ordered: complete, waiting for the blocks before them
         self._held = 0
         self._max_held = 0
 
@@ -403,7 +394,7 @@ class BlockAssembler:
                     self._put(k, c, [a[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0] for a in arrays], r0, c0)
 
     def _put(self, k: int, c: int, parts: list[np.ndarray], y: int, x: int) -> None:
-        if self._sent[k, c] or (k * self._sent.shape[1] + c) in self._done:
+        if self._sent[k, c]:
             raise InvalidRegionError(f"{self._block_name(k, c)} was complete already: a pixel came twice")
         entry = self._bufs.get((k, c))
         by, bx = self.rows[k], self.cols[c]
@@ -427,17 +418,6 @@ class BlockAssembler:
         if left[0]:
             return
         del self._bufs[k, c]
-        if not self.ordered:
-            self._hand_on(k, c, bufs)
-            return
-        m = self._sent.shape[1]
-        self._done[k * m + c] = bufs
-        while self._next in self._done:
-            k, c = divmod(self._next, m)
-            self._hand_on(k, c, self._done.pop(self._next))
-            self._next += 1
-
-    def _hand_on(self, k: int, c: int, bufs: tuple[np.ndarray, ...]) -> None:
         self._held -= sum(b.nbytes for b in bufs)
         self._sent[k, c] = True
         self.sink(self.rows[k], self.cols[c], *bufs)
@@ -461,47 +441,6 @@ class BlockAssembler:
         done = np.asarray(self._sent[self._start : self._stop].all(axis=1))
         k = self._start + (int(np.argmin(done)) if not done.all() else done.size)
         return self.rows[k]
-
-
-class BandAssembler:
-    """Regroups blocks into whole-width row bands handed to ``sink(y0, *bands)`` top to bottom: a
-    :class:`BlockAssembler` with one column and ``ordered=True`` (for writers that take whole-width rows).
-
-    ``edges`` are the band bounds ``0 = e_0 < e_1 < ... < e_n = height`` (e.g. :func:`band_edges`). Memory: each
-    band's buffers, ``band height x width x`` the bytes of a pixel of each stream, from its first piece until it is
-    handed on; prefer a :class:`BlockAssembler` (or writers that take windows) for wide images.
-    """
-
-    def __init__(self, width: int, edges: list[int], sink: RowSink, *, bands: tuple[int, int] | None = None) -> None:
-        if width < 1 or len(edges) < 2 or edges[0] != 0 or any(b <= a for a, b in itertools.pairwise(edges)):
-            raise ConfigError(f"band edges must increase from 0 to the height, got {edges[:8]} (width {width})")
-        self.width, self.edges = width, list(edges)
-        self._blocks = BlockAssembler(
-            self.edges, [0, width], lambda y0, x0, *bands: sink(y0, *bands), bands=bands, ordered=True
-        )
-
-    @property
-    def held_bytes(self) -> int:
-        """Bytes of band buffers allocated now."""
-        return self._blocks.held_bytes
-
-    @property
-    def max_held_bytes(self) -> int:
-        return self._blocks.max_held_bytes
-
-    @property
-    def complete(self) -> bool:
-        return self._blocks.complete
-
-    def __call__(self, y0: int, x0: int, *blocks: Any) -> None:
-        self._blocks(y0, x0, *blocks)
-
-    def finish(self) -> None:
-        """Check that every band asked for was handed on."""
-        if not self._blocks.complete:
-            raise InvalidRegionError(
-                f"only bands up to row {self._blocks.rows_done} were complete; feed every block of the image"
-            )
 
 
 class ClassMapSink:
