@@ -272,6 +272,20 @@ def test_resume_continues_from_the_last_checkpoint(upernet_run, ade, configs, tm
         torch.testing.assert_close(resumed["state_dict"][k], v, msg=k)
 
 
+def test_runs_of_one_config_in_the_same_second_keep_their_own_logs(ade, configs, tmp_path, monkeypatch):
+    """mmengine names a run <config>_<second> and keeps its logger by that name: a second run in the same second
+    logged into the first run's file (seen as a flaky resume test)."""
+    import time
+
+    second = time.strftime("%Y%m%d_%H%M%S")
+    monkeypatch.setattr(time, "strftime", lambda fmt, *args: second)
+    for name in ("first", "second"):
+        train(configs["upernet"], work_dir=tmp_path / name, data_root=ade.root, max_iters=1, **RUN)
+    for name in ("first", "second"):
+        log = (tmp_path / name / second / f"{second}.log").read_text()
+        assert f"work_dir = '{tmp_path / name}'" in log
+
+
 def test_resume_without_a_checkpoint(ade, configs, tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
         train(configs["upernet"], work_dir=tmp_path, data_root=ade.root, resume=True, max_iters=2, **RUN)

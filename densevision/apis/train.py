@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -481,6 +483,9 @@ def _configure_launcher(cfg: Any, launcher: str) -> None:
     )
 
 
+_RUNS = itertools.count(1)
+
+
 def _build_runner(cfg: Any) -> Any:
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -488,6 +493,10 @@ def _build_runner(cfg: Any) -> Any:
     from densevision.compat import patch_mmengine
 
     patch_mmengine()
+    if cfg.get("experiment_name") is None and cfg.get("launcher", "none") == "none":
+        # mmengine names it <config>_<second>; a second run of the config in the same second would reuse the first
+        # run's logger (and log into its file), message hub and visualizer, which are global by that name.
+        cfg.experiment_name = f"{Path(cfg.filename).stem}_{time.strftime('%Y%m%d_%H%M%S')}_{next(_RUNS)}"
     try:
         return Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
     except KeyError as e:  # "X is not in the model registry" and friends
