@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 STAMP := $(VENV)/.densevision-ready
 
-.PHONY: setup demo test test-slow lint format typecheck clean bench-read
+.PHONY: setup demo test test-slow lint format typecheck clean bench bench-read
 
 $(STAMP): pyproject.toml tools/install.sh
 	bash tools/install.sh
@@ -41,3 +41,8 @@ clean:
 # Peak memory reading 4k^2 .. 32k^2 (1 gigapixel) generated slides region by region; see benchmarks/README.md.
 bench-read: setup
 	nice -n 10 $(BIN)/python benchmarks/read_memory.py
+
+# Every comparison in one run (peers installed first; about 1.5 h on 2 cores): benchmarks/BENCHMARKS.md.
+bench: setup
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/python benchmarks/run_all.py

@@ -7,7 +7,17 @@ import os
 import platform
 import resource
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+
+
+@dataclass
+class Part:
+    """One measured comparison: its markdown (tables and the notes that read them) and its headline figures, one
+    sentence each, for the summary at the top of BENCHMARKS.md."""
+
+    text: str
+    headline: list[str] = field(default_factory=list)
 
 
 def parse_size(text: str) -> tuple[int, int]:

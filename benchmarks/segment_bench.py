@@ -40,33 +40,38 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import host, parse_size, peak_rss_mb
+from _common import Part, host, parse_size, peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "benchmarks" / "README.md"
 MMSEG_CONFIG = REPO / "configs" / "segmentation" / "upernet_swin-t_ade20k-512.py"
 MMSEG_CLASSES = ("background", "tumor", "stroma", "necrosis", "fat")
-PARTS = ("memory", "overhead", "mmseg")
+PARTS = ("memory", "overhead", "mmseg", "gpu")
 KEEP_SLIDE_PIXELS = 16384 * 16384  # --clean keeps slides up to this size (read_memory.py uses them too)
 LOAD_NOTE = f' "load": the 1-minute load average as the measurement ended ({os.cpu_count()} CPUs).'
 
 
-def mmseg_options(tile: int, stride: int) -> dict[str, Any]:
-    """The project's UperNet + Swin-T shrunk to finish in minutes on a CPU: same architecture, fewer channels."""
-    return {
-        "model.backbone.embed_dims": 32,
-        "model.backbone.depths": [1, 1, 1, 1],
-        "model.backbone.num_heads": [1, 2, 4, 8],
-        "model.decode_head.in_channels": [32, 64, 128, 256],
-        "model.decode_head.channels": 64,
+def mmseg_options(tile: int, stride: int, *, full: bool = False) -> dict[str, Any]:
+    """The project's UperNet + Swin-T shrunk to finish in minutes on a CPU (same architecture, fewer channels), or
+    with ``full`` the config's own sizes (for the GPU part); both with this script's classes and mmseg's slide mode."""
+    common = {
         "model.decode_head.num_classes": len(MMSEG_CLASSES),
-        "model.auxiliary_head.in_channels": 128,
-        "model.auxiliary_head.channels": 64,
         "model.auxiliary_head.num_classes": len(MMSEG_CLASSES),
         "model.data_preprocessor.size": None,
         "model.test_cfg.mode": "slide",
         "model.test_cfg.crop_size": (tile, tile),
         "model.test_cfg.stride": (stride, stride),
+    }
+    if full:
+        return common
+    return common | {
+        "model.backbone.embed_dims": 32,
+        "model.backbone.depths": [1, 1, 1, 1],
+        "model.backbone.num_heads": [1, 2, 4, 8],
+        "model.decode_head.in_channels": [32, 64, 128, 256],
+        "model.decode_head.channels": 64,
+        "model.auxiliary_head.in_channels": 128,
+        "model.auxiliary_head.channels": 64,
     }
 
 
@@ -107,6 +112,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--overhead-size", default="16384", help="part 2 slide size (default 16384)")
     p.add_argument("--mmseg-size", default="8192", help="part 3 GeoTIFF size (default 8192)")
+    p.add_argument("--gpu-size", default="16384", help="part 4 slide size (default 16384; part 4 needs CUDA)")
+    p.add_argument("--gpu-batch-size", type=int, default=16, help="part 4 tiles per batch (default 16)")
+    p.add_argument(
+        "--gpu-workers", type=int, default=min(8, os.cpu_count() or 1), help="part 4 reader workers (default 8)"
+    )
     p.add_argument("--workdir", type=Path, default=Path("/tmp/densevision-bench"), help="inputs and outputs")
     p.add_argument("--tile", type=int, default=512, help="segmentation tile side (default 512)")
     p.add_argument("--overlap", type=int, default=64, help="tile overlap (default 64)")
@@ -132,7 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--width", type=int, help=argparse.SUPPRESS)
     p.add_argument("--height", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--model", choices=["saturation", "mmseg"], default="saturation", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--model", choices=["saturation", "mmseg", "mmseg-full"], default="saturation", help=argparse.SUPPRESS
+    )
+    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    p.add_argument("--amp", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--gpu-device", default="cuda", help=argparse.SUPPRESS)  # cpu: part 4's code on the CPU
     p.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--blend", default="gaussian", help=argparse.SUPPRESS)
     p.add_argument("--probs", action="store_true", help=argparse.SUPPRESS)
@@ -181,7 +196,7 @@ def child_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
 
     register_all_modules()
     cfg = Config.fromfile(str(MMSEG_CONFIG))
-    cfg.merge_from_dict(mmseg_options(args.tile, args.tile - args.overlap))
+    cfg.merge_from_dict(mmseg_options(args.tile, args.tile - args.overlap, full=args.model == "mmseg-full"))
     torch.manual_seed(args.seed)
     model = MODELS.build(cfg.model)
     model.init_weights()
@@ -196,21 +211,22 @@ def child_segment(args: argparse.Namespace) -> dict[str, Any]:
 
     config = checkpoint = predictor = None
     options = None
-    if args.model == "mmseg":
+    if args.model != "saturation":
         config, checkpoint = MMSEG_CONFIG, args.checkpoint
-        options = mmseg_options(args.tile, args.tile - args.overlap)
+        options = mmseg_options(args.tile, args.tile - args.overlap, full=args.model == "mmseg-full")
         import mmseg.apis  # noqa: F401  (imported before timing, as in the mmseg child)
     else:
         predictor = SaturationConv()
     baseline = peak_rss_mb()
-    t0 = time.perf_counter()
-    summary = segment_image(
-        args.path, config, checkpoint, out=args.out, predictor=predictor, tile=args.tile, overlap=args.overlap,
-        batch_size=args.batch_size, blend=args.blend, workers=args.workers, probability_output=args.probs,
-        skip_empty=not args.no_skip, cfg_options=options, progress=False,
-    )  # fmt: skip
-    seconds = time.perf_counter() - t0
-    return {
+    with GpuSampler(args.device) as gpu:
+        t0 = time.perf_counter()
+        summary = segment_image(
+            args.path, config, checkpoint, out=args.out, predictor=predictor, tile=args.tile, overlap=args.overlap,
+            batch_size=args.batch_size, blend=args.blend, workers=args.workers, probability_output=args.probs,
+            skip_empty=not args.no_skip, cfg_options=options, progress=False, device=args.device, amp=args.amp,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+    return gpu.result() | {
         "seconds": seconds,
         "tiles": summary["tiles"],
         "timings": summary["timings"],
@@ -220,6 +236,40 @@ def child_segment(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
         "workers_peak_rss_mb": _childrenpeak_rss_mb(),
     }
+
+
+class GpuSampler:
+    """How busy the GPU is while a run lasts: ``nvidia-smi`` sampled every 100 ms (utilisation: the share of time a
+    kernel was running), and torch's peak allocated memory. Does nothing on the CPU."""
+
+    def __init__(self, device: str) -> None:
+        self.on = device.startswith("cuda")
+        self.proc: subprocess.Popen[str] | None = None
+        self.samples = ""
+
+    def __enter__(self) -> GpuSampler:
+        if self.on:
+            torch.cuda.reset_peak_memory_stats()
+            query = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"]
+            with contextlib.suppress(OSError):
+                self.proc = subprocess.Popen([*query, "-lms", "100"], stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.samples = self.proc.communicate()[0]
+
+    def result(self) -> dict[str, Any]:
+        if not self.on:
+            return {}
+        busy = [float(line.split(",")[0]) for line in self.samples.splitlines() if "," in line]
+        return {
+            "gpu_name": torch.cuda.get_device_name(),
+            "gpu_busy_mean": sum(busy) / len(busy) if busy else float("nan"),
+            "gpu_busy_samples": len(busy),
+            "gpu_peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+        }
 
 
 def _read_tiles(path: str, boxes: list[tuple[int, int, int]]) -> int:
@@ -397,7 +447,7 @@ def _run_child(args: argparse.Namespace, *extra: str, workers: int | None = None
     cmd += ["--tile", str(args.tile), "--overlap", str(args.overlap), "--batch-size", str(args.batch_size)]
     cmd += ["--workers", str(args.workers if workers is None else workers), "--seed", str(args.seed)]
     cmd += ["--tile-size", str(args.tile_size), "--quality", str(args.quality)]
-    cmd += ["--model-only-tiles", str(args.model_only_tiles)]
+    cmd += ["--model-only-tiles", str(args.model_only_tiles), "--device", args.device]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
@@ -445,7 +495,7 @@ def _drop_outputs(args: argparse.Namespace, out: Path, *, always: bool = False) 
 # --- part 1: memory against image size ---------------------------------------------------------------------------
 
 
-def part_memory(args: argparse.Namespace) -> str:
+def part_memory(args: argparse.Namespace) -> Part:
     rows = []
     for width, height in sorted((parse_size(s) for s in args.sizes), key=lambda wh: wh[0] * wh[1]):
         print(f"memory: {width} x {height} ...", file=sys.stderr, flush=True)
@@ -485,13 +535,18 @@ def part_memory(args: argparse.Namespace) -> str:
         "(waiting for tiles, model, stitching). Workers' peak: the largest reader worker (shared copy-on-write "
         "pages counted)." + LOAD_NOTE,
     ]
-    return "\n".join(lines)
+    headline = (
+        f"Memory: `segment_image` peaks at {small['peak_rss_mb']:.0f} MiB on {small['width']} x {small['height']} and "
+        f"{big['peak_rss_mb']:.0f} MiB on {big['width']} x {big['height']} ({big['width'] * big['height'] / 1e9:.2g} "
+        f"Gpx): ratio {ratio:.2f} (goal <= 1.3)."
+    )
+    return Part("\n".join(lines), [headline])
 
 
 # --- part 2: engine overhead -------------------------------------------------------------------------------------
 
 
-def part_overhead(args: argparse.Namespace) -> str:
+def part_overhead(args: argparse.Namespace) -> Part:
     width, height = parse_size(args.overhead_size)
     print(f"overhead: {width} x {height} ...", file=sys.stderr, flush=True)
     path, _ = slide(args, width, height)
@@ -537,13 +592,19 @@ def part_overhead(args: argparse.Namespace) -> str:
         f"{args.model_only_tiles} tiles of in-memory batches, torch with {torch.get_num_threads()} threads."
         + LOAD_NOTE,
     ]
-    return "\n".join(lines)
+    end = cells[-1][2]
+    rate = end["tiles"]["done"] / end["seconds"]
+    headline = (
+        f"Engine overhead ({width} x {height}, cheap model): `segment_image` end to end {rate:.1f} tiles/s with 2 "
+        f"workers, {rate / raw:.2f}x a bare `read_region` loop over the same grid ({raw:.1f} tiles/s)."
+    )
+    return Part("\n".join(lines), [headline])
 
 
 # --- part 3: against mmsegmentation ------------------------------------------------------------------------------
 
 
-def part_mmseg(args: argparse.Namespace) -> str:
+def part_mmseg(args: argparse.Namespace) -> Part:
     width, height = parse_size(args.mmseg_size)
     print(f"mmseg: {width} x {height} ...", file=sys.stderr, flush=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -593,7 +654,70 @@ def part_mmseg(args: argparse.Namespace) -> str:
         f"{gen['seconds']:.0f} s{' (reused)' if gen['reused'] else ''}; both sides time building the model."
         + LOAD_NOTE,
     ]
-    return "\n".join(lines)
+    headline = (
+        f"Against mmseg `slide` inference ({width} x {height}, same UperNet-Swin and weights): time "
+        f"{dv['seconds'] / ref['seconds']:.2f}x, peak RSS {dv['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x, largest "
+        f"probability difference {max(cmp['max_abs_diff']):.1e}."
+    )
+    return Part("\n".join(lines), [headline])
+
+
+# --- part 4: on the GPU -----------------------------------------------------------------------------------------
+
+
+def part_gpu(args: argparse.Namespace) -> Part | None:
+    """Tiles/s and how busy the GPU was, with a small and the full UperNet-Swin-T; None without CUDA."""
+    if args.gpu_device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu: no CUDA device, skipped", file=sys.stderr, flush=True)
+        return None
+    g = argparse.Namespace(**vars(args))
+    g.device, g.batch_size, g.workers = args.gpu_device, args.gpu_batch_size, args.gpu_workers
+    width, height = parse_size(args.gpu_size)
+    print(f"gpu: {width} x {height} on {g.device} ...", file=sys.stderr, flush=True)
+    path, _ = slide(args, width, height)
+    head = (
+        "| model | precision | tiles | wall s | tiles/s | wait / predict / consume s | GPU busy % (mean of "
+        "100 ms samples) | GPU peak allocated MiB | peak RSS MiB | load |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    best = None
+    for model, label in (("mmseg", "UperNet-Swin shrunk (part 3's)"), ("mmseg-full", "UperNet-Swin-T (full)")):
+        ckpt = args.workdir / f"upernet_swin-t-{'full' if model == 'mmseg-full' else 'shrunk'}-{args.tile}-" \
+            f"{args.overlap}-s{args.seed}.pth"  # fmt: skip
+        _generated(args, ckpt, "--child", "checkpoint", "--model", model)
+        for amp in (False, True):
+            out = _out(args, f"gpu-{model}-{'bf16' if amp else 'fp32'}.tif")
+            extra = ["--amp"] if amp else []
+            r = _run_child(
+                g, "--child", "segment", "--path", str(path), "--out", str(out), "--model", model,
+                "--checkpoint", str(ckpt), "--no-skip", *extra,
+            )  # fmt: skip
+            _drop_outputs(args, out)
+            tm, done = r["timings"], r["tiles"]["done"]
+            lines.append(
+                f"| {label} | {'bf16 autocast' if amp else 'fp32'} | {done} | {r['seconds']:.1f} | "
+                f"{done / r['seconds']:.1f} | {tm['seconds_waiting_for_tiles']:.1f} / {tm['seconds_predicting']:.1f}"
+                f" / {tm['seconds_consuming']:.1f} | {r.get('gpu_busy_mean', float('nan')):.0f} | "
+                f"{r.get('gpu_peak_allocated_mb', float('nan')):.0f} | {r['peak_rss_mb']:.0f} | {r['load']:.1f} |"
+            )
+            if model == "mmseg-full" and (best is None or done / r["seconds"] > best[0]):
+                best = (done / r["seconds"], r, amp)
+    assert best is not None
+    rate, r, amp = best
+    lines += [
+        "",
+        f"Device: {r.get('gpu_name', g.device)}. Slide {width} x {height} (generated), every tile (no glass "
+        f"skipping), tile {args.tile}, overlap {args.overlap}, batch {g.batch_size}, {g.workers} reader workers, "
+        "gaussian blend, class map written. Random weights (the timing does not depend on them). 'GPU busy': "
+        "nvidia-smi's utilisation, the share of time a kernel ran, averaged over the run including model building "
+        "and writing; 'wait' is the time the loop waited for tiles from the readers." + LOAD_NOTE,
+    ]
+    headline = (
+        f"GPU ({r.get('gpu_name', g.device)}): UperNet-Swin-T at {rate:.3g} tiles/s of {args.tile}^2 "
+        f"({'bf16' if amp else 'fp32'}), GPU busy {r.get('gpu_busy_mean', float('nan')):.0f} % on average, "
+        f"{r['timings']['seconds_waiting_for_tiles']:.1f} s of {r['seconds']:.0f} s waiting for tiles."
+    )
+    return Part("\n".join(lines), [headline])
 
 
 # --- parent ------------------------------------------------------------------------------------------------------
@@ -605,6 +729,12 @@ def revision() -> str:
         cmd = ["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=10"]
         return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
     return "unknown (not a git checkout)"
+
+
+def _accelerator() -> str:
+    if torch.cuda.is_available():
+        return f"CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}"
+    return "no GPU"
 
 
 def machine() -> str:
@@ -619,10 +749,10 @@ def machine() -> str:
 
     return (
         f"{host()}, densevision {densevision.__version__}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads, CPU), numpy {numpy.__version__}, mmseg {mmseg.__version__}, mmcv "
-        f"{mmcv.__version__}, mmengine {mmengine.__version__}, rasterio {rasterio.__version__} (GDAL "
-        f"{rasterio.__gdal_version__}), openslide-python {openslide.__version__} (OpenSlide "
-        f"{openslide.__library_version__})"
+        f"({torch.get_num_threads()} threads; {_accelerator()}), numpy {numpy.__version__}, mmseg "
+        f"{mmseg.__version__}, mmcv {mmcv.__version__}, mmengine {mmengine.__version__}, rasterio "
+        f"{rasterio.__version__} (GDAL {rasterio.__gdal_version__}), openslide-python {openslide.__version__} "
+        f"(OpenSlide {openslide.__library_version__})"
     )
 
 
@@ -646,16 +776,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    parts = {"memory": part_memory, "overhead": part_overhead, "mmseg": part_mmseg}
+    parts = {"memory": part_memory, "overhead": part_overhead, "mmseg": part_mmseg, "gpu": part_gpu}
     titles = {
         "memory": "Memory against image size",
         "overhead": "Engine overhead",
         "mmseg": "Against mmsegmentation's slide inference",
+        "gpu": "On the GPU",
     }
     texts = []
     for name in PARTS:
-        if name in args.parts:
-            texts.append(f"#### {titles[name]}\n\n{parts[name](args)}")
+        if name in args.parts and (part := parts[name](args)) is not None:
+            texts.append(f"#### {titles[name]}\n\n{part.text}")
             print(texts[-1] + "\n", flush=True)
     minutes = (time.perf_counter() - started) / 60
     if args.append:
