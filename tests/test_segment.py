@@ -182,3 +182,22 @@ def test_uint16_rasters_are_stretched_to_the_8bit_range(tmp_path):
         min(s[0] for s in model.seen) >= 1000 / 8000 * 255 - 0.01
         and max(s[1] for s in model.seen) <= 4000 / 8000 * 255 + 0.01
     )
+
+
+def test_preview_paints_found_classes_and_leaves_background_and_nodata_unpainted(tmp_path):
+    from PIL import Image
+
+    from densevision.apis.segment import NODATA, _write_preview
+    from densevision.io.source import Thumbnail
+
+    base = np.zeros((4, 6, 3), np.uint8)
+    base[..., :] = np.linspace(0, 255, 6, dtype=np.uint8)[None, :, None]  # a grey ramp: stretched to itself
+    classes = np.array([[0, 1, 2, NODATA, 0, 1]] * 4, np.uint8)
+    out = tmp_path / "p.png"
+    thumb = Thumbnail(base, np.ones((4, 6), bool), (1.0, 1.0))
+    _write_preview(out, thumb, classes, ((9, 9, 9), (255, 0, 0), (0, 0, 255)), ["Background", "tumour", "stroma"])
+    got = np.asarray(Image.open(out)).astype(int)
+    unpainted = np.isin(classes, [0, NODATA])
+    assert np.abs(got[unpainted] - base[unpainted]).max() <= 1
+    assert (got[classes == 1][:, 0] > got[classes == 1][:, 2]).all()  # red over grey
+    assert (got[classes == 2][:, 2] > got[classes == 2][:, 0]).all()  # blue over grey

@@ -32,6 +32,8 @@ from densevision.tiling import TileGrid, tiles_with_content, tissue_mask
 from densevision.tiling.grid import axis_bounds
 
 NODATA = 255
+# Classes the preview leaves unpainted, so that the input shows through where nothing was found.
+UNPAINTED = frozenset({"background", "_background_", "unlabeled", "unlabelled"})
 PREVIEW_SIZE = 1024
 
 
@@ -126,7 +128,7 @@ def _area_per_pixel(src: ImageSource, downsample: float) -> tuple[float, str] | 
 
 
 def _write_preview(
-    path: Path, thumb: Thumbnail, preview: np.ndarray, palette: tuple[tuple[int, int, int], ...]
+    path: Path, thumb: Thumbnail, preview: np.ndarray, palette: tuple[tuple[int, int, int], ...], names: list[str]
 ) -> None:
     base = thumb.pixels[..., :3].astype(np.float32)
     if base.shape[-1] < 3:
@@ -136,7 +138,10 @@ def _write_preview(
     size = (base.shape[1], base.shape[0])
     classes = np.asarray(Image.fromarray(preview).resize(size, Image.Resampling.NEAREST))
     colours = np.array([*palette, (0, 0, 0)] + [(0, 0, 0)] * (256 - len(palette) - 1), dtype=np.float32)
-    overlay = np.where((classes != NODATA)[..., None], 0.55 * base + 0.45 * colours[classes], base)
+    painted = np.ones(256, bool)
+    painted[NODATA] = False
+    painted[[i for i, name in enumerate(names) if name.lower() in UNPAINTED]] = False
+    overlay = np.where(painted[classes][..., None], 0.55 * base + 0.45 * colours[classes], base)
     tmp = path.with_name(path.name + ".partial")
     Image.fromarray(overlay.astype(np.uint8)).save(tmp, format="PNG")
     os.replace(tmp, path)
@@ -333,7 +338,7 @@ def segment_image(
         )
         work.remove()
         preview_path = stem.with_name(stem.name + ".preview.png")
-        _write_preview(preview_path, thumb, outputs.preview, predictor.palette)
+        _write_preview(preview_path, thumb, outputs.preview, predictor.palette, list(predictor.class_names))
         area = _area_per_pixel(src, geometry.downsample)
         source_facts = src.describe()
 
