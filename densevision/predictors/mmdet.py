@@ -88,6 +88,8 @@ class MMDetPredictor:
         meta: dict[str, Any] = {}
         if checkpoint is not None:
             meta = load_weights(model, checkpoint)
+        else:  # the config's initialisation, as training starts (init_detector leaves some tensors uninitialised)
+            model.init_weights()
         if not meta.get("classes"):
             dataset = (cfg.get("test_dataloader") or {}).get("dataset") or {}
             meta = dict(dataset.get("metainfo") or {}) if isinstance(dataset, dict) else {}

@@ -58,6 +58,8 @@ class MMSegPredictor:
         model = init_model(cfg, None, device="cpu")
         if checkpoint is not None:
             model.dataset_meta = load_weights(model, checkpoint) or None
+        else:  # the config's initialisation, as training starts (init_model leaves some tensors uninitialised)
+            model.init_weights()
         return cls(model.to(device))
 
     @torch.no_grad()
