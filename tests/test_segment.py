@@ -201,3 +201,30 @@ def test_preview_paints_found_classes_and_leaves_background_and_nodata_unpainted
     assert np.abs(got[unpainted] - base[unpainted]).max() <= 1
     assert (got[classes == 1][:, 0] > got[classes == 1][:, 2]).all()  # red over grey
     assert (got[classes == 2][:, 2] > got[classes == 2][:, 0]).all()  # blue over grey
+
+
+@pytest.mark.parametrize("environment", [None, "64"])
+def test_gdal_block_cache_is_capped_for_the_run_unless_the_environment_sets_it(environment, data_dir, tmp_path,
+                                                                                monkeypatch):  # fmt: skip
+    from rasterio._env import get_gdal_config
+
+    from densevision.io.raster import GDAL_CACHE_MB
+
+    if environment is None:
+        monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+    else:
+        monkeypatch.setenv("GDAL_CACHEMAX", environment)
+    before = get_gdal_config("GDAL_CACHEMAX")
+    seen = []
+
+    class Recording(SaturationPredictor):
+        def forward(self, batch):
+            seen.append(get_gdal_config("GDAL_CACHEMAX"))
+            return super().forward(batch)
+
+    segment_image(
+        data_dir / "geotiff/cogeo.tif", out=tmp_path / "seg.tif", predictor=Recording(), tile=128, overlap=0,
+        level=2, workers=0, progress=False,
+    )  # fmt: skip
+    assert seen and set(seen) == {GDAL_CACHE_MB if environment is None else before}
+    assert get_gdal_config("GDAL_CACHEMAX") == before

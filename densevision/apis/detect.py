@@ -39,6 +39,7 @@ from densevision.engine.records import RecordFolder
 from densevision.engine.runner import RunStats, TileRunner, resolve_device
 from densevision.errors import ConfigError
 from densevision.io import CocoResultsWriter, GeoJsonWriter, ImageSource, open_image
+from densevision.io.raster import bounded_gdal_cache
 from densevision.io.scaling import ValueScale
 from densevision.io.source import resize_region
 from densevision.io.writers._atomic import check_output_path
@@ -372,7 +373,7 @@ def detect_objects(
     }
     DetectionMerger(TileGrid(1, 1, 1), **merge_options)  # check the options before the slow parts
 
-    with open_image(image, bands=bands) as src:
+    with open_image(image, bands=bands) as src, bounded_gdal_cache():
         geometry = read_geometry(src, level=level, mpp=mpp)
         if predictor is None:
             if config is None:

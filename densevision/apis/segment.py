@@ -23,6 +23,7 @@ from densevision.engine.runner import BackgroundCalls, RunStats, TileRunner, res
 from densevision.engine.workdir import BandStore
 from densevision.errors import ConfigError
 from densevision.io import GeoTiffWriter, ImageSource, PyramidTiffWriter, Thumbnail, open_image, scale_transform
+from densevision.io.raster import bounded_gdal_cache
 from densevision.io.scaling import ValueScale
 from densevision.io.writers._atomic import check_output_path
 from densevision.predictors.base import SegmentationPredictor
@@ -279,7 +280,7 @@ def segment_image(
     rank, world = init_distributed(dev)
 
     # The input is checked before the (slow) model build, so a wrong path fails at once.
-    with open_image(image, bands=bands) as src:
+    with open_image(image, bands=bands) as src, bounded_gdal_cache():
         geometry = read_geometry(src, level=level, mpp=mpp)
         if predictor is None:
             from densevision.predictors.mmseg import MMSegPredictor
