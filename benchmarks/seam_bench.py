@@ -105,7 +105,7 @@ def train_model(args: argparse.Namespace, data_root: Path) -> tuple[str, str | N
     # --iters 0 keeps the one iteration's checkpoint: both sides must load the same (near random) weights
     result = {"config": r["config"], "checkpoint": r["checkpoint"], "losses": r["losses"]}
     done.write_text(json.dumps(result | {"seconds": seconds}))
-    return result["config"], result["checkpoint"], result["losses"]
+    return result["config"], result["checkpoint"], result["losses"], seconds
 
 
 def test_image(args: argparse.Namespace) -> tuple[Path, np.ndarray, int]:
