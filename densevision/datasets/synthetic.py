@@ -335,9 +335,17 @@ def make_ade_dataset(
             pixel_count += values
             image_count[split] += values > 0
         planted[split], files[split] = objects, ann_dir
+    write_object_info(root, classes, pixel_count, image_count)
+    return SyntheticDataset(root, classes, planted, files)
+
+
+def write_object_info(
+    root: Path, classes: Sequence[str], pixel_count: np.ndarray, image_count: dict[str, np.ndarray]
+) -> None:
+    """``objectInfo<K>.txt`` as ADE's ``objectInfo150.txt``: per class (labels 1..K) its share of the labelled
+    pixels and the training / validation images that hold it."""
     ratio = pixel_count / max(1, pixel_count.sum())
     rows = ["Idx\tRatio\tTrain\tVal\tName"]
     for k, name in enumerate(classes, start=1):
         rows.append(f"{k}\t{ratio[k]:.4f}\t{image_count['train'][k]}\t{image_count['val'][k]}\t{name}")
     (root / f"objectInfo{len(classes)}.txt").write_text("\n".join(rows) + "\n")
-    return SyntheticDataset(root, classes, planted, files)

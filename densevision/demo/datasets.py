@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from densevision.datasets.synthetic import ADE_SPLITS, compressed_rle
+from densevision.datasets.synthetic import ADE_SPLITS, compressed_rle, write_object_info
 from densevision.errors import ConfigError
 from densevision.io import open_image
 from densevision.io.synthetic import Planted
@@ -135,11 +135,7 @@ def write_ade_crops(
         image_count[c.split] += values > 0
         images[c.split] += 1
         object_pixels[c.split] += int(values[2:].sum())
-    ratio = pixel_count / max(1, pixel_count.sum())
-    rows = ["Idx\tRatio\tTrain\tVal\tName"]
-    for k, name in enumerate(names, start=1):
-        rows.append(f"{k}\t{ratio[k]:.4f}\t{image_count['train'][k]}\t{image_count['val'][k]}\t{name}")
-    (root / f"objectInfo{len(names)}.txt").write_text("\n".join(rows) + "\n")
+    write_object_info(root, names, pixel_count, image_count)
     return CropDataset(root, names, images, object_pixels)
 
 
