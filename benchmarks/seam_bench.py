@@ -51,6 +51,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
     p.add_argument("--train-images", type=int, default=64, help="generated training images (default 64)")
+    p.add_argument(
+        "--train-mosaic", action="store_true", help="training images are --mosaic scenes side by side, like the test"
+    )
+    p.add_argument("--crop", type=int, help="train on random crops of this side (default: whole images)")
+    p.add_argument(
+        "--label-edges", action="store_true", help="train with the ring around objects labelled, not ignored"
+    )
+    p.add_argument("--amp", action="store_true", help="bfloat16 mixed-precision training (GPU)")
+    p.add_argument(
+        "--train-seconds", type=float, help="fit the iterations to this many seconds of training\n"
+        "(a --probe-iters probe times them); --iters is then ignored",
+    )  # fmt: skip
+    p.add_argument("--probe-iters", type=int, default=40, help="iterations of that probe (default 40; 11 at least)")
+    p.add_argument(
+        "--reference-only", action="store_true", help="compare mmseg's whole-image and slide inference only (no GDAL\n"
+        "needed: the reference pair's agreement, kept in the run's reference.json)",
+    )  # fmt: skip
+    p.add_argument(
+        "--half", action="store_true", help="compare (and keep) the trained weights rounded to float16:\n"
+        "a checkpoint a quarter the size, to copy to another machine",
+    )  # fmt: skip
+    p.add_argument("--model", nargs=2, metavar=("CONFIG", "CHECKPOINT"), help="compare this model instead of training")
+    p.add_argument("--device", default="cpu", help="device of both predictions (default cpu)")
+    p.add_argument("--processes", type=int, default=2, help="processes generating the training data (default 2)")
     p.add_argument("--mosaic", default="4x3", help="test image: columns x rows of 256-px scenes (default 4x3)")
     p.add_argument("--tile", type=int, default=256, help="tile side (default 256)")
     p.add_argument("--overlap", type=int, default=64, help="tile overlap (default 64)")
@@ -60,21 +84,92 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def train_model(args: argparse.Namespace, data_root: Path) -> tuple[str, str | None, list[float], float | None]:
-    """The trained (with ``--iters 0``: one iteration) config and checkpoint, the losses and the training
-    seconds (None for a model reused from an earlier run that did not record them)."""
+def layout(mosaic: str) -> tuple[int, int]:
+    """``"4x3"`` -> (4, 3) scenes across and down."""
+    cols, _, rows = mosaic.partition("x")
+    return int(cols), int(rows or cols)
+
+
+def training_name(args: argparse.Namespace) -> str:
+    """The work folder of a training run: every setting that changes the model."""
+    name = f"upernet{args.head_channels}-swin-t_{args.iters}it_b{args.batch_size}_lr{args.lr:g}_n{args.train_images}"
+    if args.train_seconds:
+        name = name.replace(f"_{args.iters}it", f"_{args.train_seconds:g}s")
+    if args.train_mosaic:
+        name += f"_mosaic{args.mosaic}"
+    if args.crop:
+        name += f"_crop{args.crop}"
+    return name + ("_edges" if args.label_edges else "") + ("_amp" if args.amp else "")
+
+
+def _mosaics(job: tuple[Path, int, int, tuple[int, int], bool, int]) -> None:
+    """One process's share of :func:`mosaic_dataset`: scenes generated with its seed, then laid out."""
+    from densevision.datasets import make_ade_dataset
+
+    root, first, count, (nx, ny), ignore_edges, seed = job
+    ds = make_ade_dataset(
+        root / "scenes" / f"{first}", num_train=count * nx * ny, num_val=0, image_size=SCENE,
+        ignore_edges=ignore_edges, seed=seed,
+    )  # fmt: skip
+    images = sorted((ds.root / "images" / "training").glob("*.jpg"))
+    labels = sorted((ds.root / "annotations" / "training").glob("*.png"))
+    for m in range(count):
+        pixels = np.zeros((ny * SCENE, nx * SCENE, 3), np.uint8)
+        truth = np.zeros((ny * SCENE, nx * SCENE), np.uint8)
+        for i in range(nx * ny):
+            y, x = (i // nx) * SCENE, (i % nx) * SCENE
+            pixels[y : y + SCENE, x : x + SCENE] = np.asarray(Image.open(images[m * nx * ny + i]).convert("RGB"))
+            truth[y : y + SCENE, x : x + SCENE] = np.asarray(Image.open(labels[m * nx * ny + i]))
+        stem = f"ADE_train_{first + m + 1:08d}"
+        Image.fromarray(pixels).save(root / "images" / "training" / f"{stem}.png", compress_level=1)
+        Image.fromarray(truth).save(root / "annotations" / "training" / f"{stem}.png")
+
+
+def mosaic_dataset(root: Path, count: int, mosaic: tuple[int, int], ignore_edges: bool, processes: int) -> Path:
+    """An ADE-layout training set of ``count`` PNG mosaics built as the test image is (other seeds)."""
+    import multiprocessing
+    import shutil
+
+    if (root / "done").is_file():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    for folder in ("images", "annotations"):
+        (root / folder / "training").mkdir(parents=True)
+    shares = np.array_split(np.arange(count), max(1, processes))
+    jobs = [(root, int(ids[0]), len(ids), mosaic, ignore_edges, 1000 + k) for k, ids in enumerate(shares) if len(ids)]
+    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+        pool.map(_mosaics, jobs)
+    info = next((root / "scenes" / "0").glob("objectInfo*.txt"))
+    shutil.copy(info, root / info.name)  # the class names; the pixel ratios are one share's
+    shutil.rmtree(root / "scenes")
+    (root / "done").touch()
+    return root
+
+
+def train_model(args: argparse.Namespace, data_root: Path) -> tuple[str, str | None, list[float], float | None, int]:
+    """The trained (with ``--iters 0``: one iteration) config and checkpoint, the losses, the training seconds
+    (None for a model reused from an earlier run that did not record them) and the iterations."""
+    work = args.workdir / training_name(args)
+    done = work / "result.json"
+    if not done.is_file():
+        done.write_text(json.dumps(_train(args, data_root, work)))
+    r = json.loads(done.read_text())
+    if args.half and not r.get("half"):
+        r["half"] = str(work / "model_half.pth")
+        save_half(r["checkpoint"], Path(r["half"]))
+        done.write_text(json.dumps(r))
+    checkpoint = r["half"] if args.half else r["checkpoint"]
+    return r["config"], checkpoint, r["losses"], r.get("seconds"), r.get("iterations", args.iters)
+
+
+def _train(args: argparse.Namespace, data_root: Path, work: Path) -> dict[str, Any]:
     from densevision.apis.train import train
 
-    name = f"upernet{args.head_channels}-swin-t_{args.iters}it_b{args.batch_size}_lr{args.lr:g}_n{args.train_images}"
-    work = args.workdir / name
-    done = work / "result.json"
-    if done.is_file():
-        r = json.loads(done.read_text())
-        return r["config"], r["checkpoint"], r["losses"], r.get("seconds")
     started = time.perf_counter()
-    size = (SCENE, SCENE)
     options: dict[str, Any] = {
-        "model.data_preprocessor.size": size,
+        # padded to multiples of 32 (Swin's patches x merges) rather than to one size: no image is padded
+        "model.data_preprocessor.size": None,
+        "model.data_preprocessor.size_divisor": 32,
         "model.backbone.drop_path_rate": 0.0,
         "model.decode_head.channels": args.head_channels,
         "model.auxiliary_head.channels": args.head_channels // 2,
@@ -82,6 +177,7 @@ def train_model(args: argparse.Namespace, data_root: Path) -> tuple[str, str | N
         "train_dataloader.dataset.pipeline": [
             {"type": "LoadImageFromFile"},
             {"type": "LoadAnnotations", "reduce_zero_label": True},
+            *([{"type": "RandomCrop", "crop_size": (args.crop, args.crop)}] if args.crop else []),
             {"type": "RandomFlip", "prob": 0.5},
             {"type": "PackSegInputs"},
         ],
@@ -90,30 +186,43 @@ def train_model(args: argparse.Namespace, data_root: Path) -> tuple[str, str | N
         "val_dataloader": None,
         "val_evaluator": None,
     }
-    r = train(
-        CONFIG,
-        work_dir=work,
-        data_root=data_root,
-        cfg_options=options,
-        max_iters=max(args.iters, 1),
-        batch_size=args.batch_size,
-        num_workers=0,
-        seed=0,
-        log_interval=25,
-    )
-    seconds = time.perf_counter() - started
+    if args.train_mosaic:
+        options["train_dataloader.dataset.img_suffix"] = ".png"
+    if args.amp:
+        options["optim_wrapper.dtype"] = "bfloat16"  # no overflow in Swin's attention, unlike float16
+    run = dict(
+        data_root=data_root, cfg_options=options, batch_size=args.batch_size, num_workers=min(args.processes, 8),
+        seed=0, amp=args.amp,
+    )  # fmt: skip
+    iters = max(args.iters, 1)
+    if args.train_seconds:
+        probe = train(CONFIG, work_dir=work / "probe", max_iters=args.probe_iters, log_interval=10, **run)
+        per_iter = float(np.median(probe["iteration_seconds"][10:]))  # after the first ten: warm
+        iters = max(1, int(args.train_seconds / per_iter))
+        print(f"probe: {per_iter:.3f} s per iteration -> {iters} iterations in {args.train_seconds:g} s", flush=True)
+    interval = max(100, iters // 5)  # checkpoints on the way: a run cut short still leaves a model
+    r = train(CONFIG, work_dir=work, max_iters=iters, log_interval=25, checkpoint_interval=interval, **run)
     # --iters 0 keeps the one iteration's checkpoint: both sides must load the same (near random) weights
-    result = {"config": r["config"], "checkpoint": r["checkpoint"], "losses": r["losses"]}
-    done.write_text(json.dumps(result | {"seconds": seconds}))
-    return result["config"], result["checkpoint"], result["losses"], seconds
+    return {"config": r["config"], "checkpoint": r["checkpoint"], "losses": r["losses"], "iterations": iters,
+            "seconds": time.perf_counter() - started}  # fmt: skip
+
+
+def save_half(checkpoint: str, path: Path) -> None:
+    """The checkpoint's weights as float16 and its meta (classes, palette), without the optimizer: a quarter of the
+    bytes. Loading it into the float32 model gives that model exactly these (rounded) weights."""
+    import torch
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"meta": ckpt.get("meta", {}), "state_dict": state}, path)
 
 
 def test_image(args: argparse.Namespace) -> tuple[Path, np.ndarray, int]:
     """Validation scenes mosaicked into one PNG; returns it, the truth labels (0 = ignore) and the class count."""
     from densevision.datasets import make_ade_dataset
 
-    cols, _, rows = args.mosaic.partition("x")
-    nx, ny = int(cols), int(rows or cols)
+    nx, ny = layout(args.mosaic)
     ds = make_ade_dataset(args.workdir / "test-scenes", num_train=0, num_val=nx * ny, image_size=SCENE, seed=99)
     imgs = sorted((ds.root / "images" / "validation").glob("*.jpg"))
     labels = sorted((ds.root / "annotations" / "validation").glob("*.png"))
@@ -128,17 +237,20 @@ def test_image(args: argparse.Namespace) -> tuple[Path, np.ndarray, int]:
     return path, truth, len(ds.classes)
 
 
-def whole_image(config: str, checkpoint: str | None, image: Path) -> tuple[np.ndarray, float]:
-    """mmseg's own whole-image prediction (class indices) and its time."""
+def whole_image(
+    config: str, checkpoint: str | None, image: Path, device: str, tile: int | None = None, stride: int | None = None
+) -> tuple[np.ndarray, float]:
+    """mmseg's own whole-image prediction (class indices) and its time; with ``tile``: its slide inference."""
     from mmseg.apis import inference_model, init_model
 
     from densevision.compat import patch_mmengine
 
     patch_mmengine()
-    model = init_model(config, checkpoint, device="cpu", cfg_options={"model.test_cfg": {"mode": "whole"}})
+    test_cfg = {"mode": "slide", "crop_size": (tile, tile), "stride": (stride, stride)} if tile else {"mode": "whole"}
+    model = init_model(config, checkpoint, device=device, cfg_options={"model.test_cfg": test_cfg})
     start = time.perf_counter()
     result = inference_model(model, str(image))
-    return result.pred_sem_seg.data[0].numpy().astype(np.uint8), time.perf_counter() - start
+    return result.pred_sem_seg.data[0].cpu().numpy().astype(np.uint8), time.perf_counter() - start
 
 
 def tiled(args: argparse.Namespace, config: str, checkpoint: str | None, image: Path, blend: str) -> tuple[Any, float]:
@@ -150,7 +262,7 @@ def tiled(args: argparse.Namespace, config: str, checkpoint: str | None, image: 
     start = time.perf_counter()
     segment_image(
         image, config, checkpoint, out=out, tile=args.tile, overlap=args.overlap, blend=blend, skip_empty=False,
-        workers=0, device="cpu", progress=False,
+        workers=0, device=args.device, progress=False,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     with tifffile.TiffFile(out) as tif:
@@ -193,15 +305,80 @@ def near_edges(labels: np.ndarray, distance: int = 2) -> np.ndarray:
     return ndimage.binary_dilation(edge, iterations=distance)
 
 
+def trained(args: argparse.Namespace, iters: int | None) -> str:
+    if args.model:
+        return "given model"
+    return f"trained {iters} iterations" if args.iters or args.train_seconds else "near-random weights (1 iteration)"
+
+
+def describe_model(
+    args: argparse.Namespace, config: str, checkpoint: str | None, losses: list[float], seconds: float | None,
+    iters: int | None,
+) -> str:  # fmt: skip
+    """One sentence: the model and how it was trained."""
+    if args.model:
+        return f"Model: `{config}` with `{checkpoint}` (given)."
+    took = f"{seconds:.0f} s" if seconds is not None else "trained in an earlier run"
+    loss = f"; loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}" if len(losses) > 1 else ""
+    data = (
+        f"{args.train_images} generated {args.mosaic} mosaics" if args.train_mosaic
+        else f"{args.train_images} generated 256-px images"
+    )  # fmt: skip
+    crops = f", random {args.crop}-px crops" if args.crop else ""
+    edges = ", object edges labelled" if args.label_edges else ""
+    return (
+        f"Model: UperNet ({args.head_channels} channels) + Swin-T (full size; {CONFIG.relative_to(REPO)}), "
+        f"{trained(args, iters)} (batch {args.batch_size}, AdamW lr {args.lr:g}{', AMP' if args.amp else ''}, "
+        f"{data}{crops}{edges}, {took}{loss}){'; weights rounded to float16' if args.half else ''}."
+    )
+
+
+def training_data(args: argparse.Namespace) -> Path:
+    """The generated training set's root: 256-px scenes, or with ``--train-mosaic`` mosaics like the test image."""
+    from densevision.datasets import make_ade_dataset
+
+    edges = "_edges" if args.label_edges else ""
+    if args.train_mosaic:
+        root = args.workdir / f"train-mosaics{args.mosaic}{edges}_n{args.train_images}"
+        return mosaic_dataset(root, args.train_images, layout(args.mosaic), not args.label_edges, args.processes)
+    return make_ade_dataset(
+        args.workdir / f"train-data{edges}", num_train=args.train_images, num_val=0, image_size=SCENE,
+        ignore_edges=not args.label_edges,
+    ).root  # fmt: skip
+
+
+def reference_only(
+    args: argparse.Namespace, config: str, checkpoint: str | None, image: Path, whole: np.ndarray, truth: np.ndarray,
+    k: int, iters: int | None,
+) -> Part:  # fmt: skip
+    """mmseg's slide inference (densevision's constant blend on the same grid) against its whole-image map."""
+    slide, _ = whole_image(config, checkpoint, image, args.device, args.tile, args.tile - args.overlap)
+    result = {
+        "agreement": float(np.mean(slide == whole)), "miou_whole": miou(whole, truth, k),
+        "miou_slide": miou(slide, truth, k), "iterations": iters,
+    }  # fmt: skip
+    if checkpoint:
+        (Path(checkpoint).parent / "reference.json").write_text(json.dumps(result))
+    headline = (
+        f"Seams, mmseg only ({trained(args, iters)}): slide inference (tile {args.tile}, overlap {args.overlap}) "
+        f"agrees with whole-image inference on {100 * result['agreement']:.3f} % of pixels; mIoU whole "
+        f"{result['miou_whole']:.3f}, slide {result['miou_slide']:.3f}."
+    )
+    return Part(headline + "\n", [headline])
+
+
 def measure(args: argparse.Namespace) -> Part:
     """Train (or reuse) the model, predict the mosaic whole and tiled per blend; the table and its headline."""
     args.workdir.mkdir(parents=True, exist_ok=True)
-    from densevision.datasets import make_ade_dataset
-
-    data = make_ade_dataset(args.workdir / "train-data", num_train=args.train_images, num_val=0, image_size=SCENE)
-    config, checkpoint, losses, train_s = train_model(args, data.root)
+    if args.model:
+        config, checkpoint = args.model
+        losses, train_s, iters = [], None, None
+    else:
+        config, checkpoint, losses, train_s, iters = train_model(args, training_data(args))
     image, truth, k = test_image(args)
-    whole, whole_s = whole_image(config, checkpoint, image)
+    whole, whole_s = whole_image(config, checkpoint, image, args.device)
+    if args.reference_only:
+        return reference_only(args, config, checkpoint, image, whole, truth, k, iters)
     shared = in_overlaps(truth.shape, args.tile, args.overlap)
     edges = near_edges(whole)
     rows = [
@@ -233,16 +410,10 @@ def measure(args: argparse.Namespace) -> Part:
             f"common pixels, and with the whole-image map on "
             f"{100 * float(np.mean(pred_moved == whole[shift:, shift:])):.3f} %."
         )
-    took = f"{train_s:.0f} s" if train_s is not None else "trained in an earlier run"
-    trained = f"trained {args.iters} iterations" if args.iters else "near-random weights (one training iteration)"
-    loss = f"; loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}" if args.iters else ""
     text = "\n".join(
         [
-            f"Model: UperNet ({args.head_channels} channels) + Swin-T (full size; "
-            f"{CONFIG.relative_to(REPO)}), {trained} "
-            f"(batch {args.batch_size}, AdamW lr {args.lr:g}, {args.train_images} generated 256-px images, "
-            f"{took}{loss}). Image: {w} x {h} px mosaic of {args.mosaic} generated scenes; tile "
-            f"{args.tile}, overlap {args.overlap}.",
+            f"{describe_model(args, config, checkpoint, losses, train_s, iters)} Image: {w} x {h} px mosaic of "
+            f"{args.mosaic} generated scenes; tile {args.tile}, overlap {args.overlap}; device {args.device}.",
             "",
             "| prediction | pixels agreeing with the whole-image argmax | differing where tiles overlap / "
             "elsewhere | of the differing, within 2 px of a class edge | seconds | mIoU vs planted truth |",
@@ -259,7 +430,7 @@ def measure(args: argparse.Namespace) -> Part:
     )
     best = "gaussian" if "gaussian" in agreement else next(iter(agreement))
     headline = (
-        f"Seams (UperNet + full Swin-T, {trained}, {w} x {h} mosaic, tile {args.tile}): tiled "
+        f"Seams (UperNet + full Swin-T, {trained(args, iters)}, {w} x {h} mosaic, tile {args.tile}): tiled "
         f"{best} argmax agrees with whole-image inference on {100 * agreement[best]:.2f} % of pixels (goal >= 99.9 %)."
     )
     return Part(text, [headline])

@@ -1,10 +1,18 @@
 """densevision: dense prediction over gigapixel slides and large rasters, streamed in tiles and stitched back
 in the image's coordinates."""
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from densevision.errors import DenseVisionError
-from densevision.io import ImageSource, Region, open_image
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from densevision.apis import detect_objects, segment_image, segment_instances
+    from densevision.io import ImageSource, Region, open_image
 
 __all__ = [
     "DenseVisionError",
@@ -16,13 +24,19 @@ __all__ = [
     "segment_image",
     "segment_instances",
 ]
-_API = ("segment_image", "detect_objects", "segment_instances")
+# Loaded on first use: the readers import GDAL and OpenSlide, the model-running API torch and the OpenMMLab stack;
+# `densevision info`, training and the dataset tools need neither.
+_LAZY = {
+    "ImageSource": "densevision.io",
+    "Region": "densevision.io",
+    "open_image": "densevision.io",
+    "segment_image": "densevision.apis",
+    "detect_objects": "densevision.apis",
+    "segment_instances": "densevision.apis",
+}
 
 
 def __getattr__(name: str) -> object:
-    # The model-running API imports torch and the OpenMMLab stack: load it on first use, not for `densevision info`.
-    if name in _API:
-        import densevision.apis
-
-        return getattr(densevision.apis, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'densevision' has no attribute {name!r}")

@@ -130,6 +130,14 @@ def test_ade_layout_and_labels(ade):
     assert set(np.unique(label)) <= {0, 1, 2, 3, 4} and {0, 1} <= set(np.unique(label))  # 0: the rings
 
 
+def test_ade_without_ignored_edges_labels_every_pixel(tmp_path, ade):
+    full = make_ade_dataset(tmp_path, num_train=6, num_val=0, image_size=(100, 90), seed=4, ignore_edges=False)
+    for name in ("ADE_train_00000001.png", "ADE_train_00000004.png"):
+        ringed = np.asarray(Image.open(ade.root / "annotations" / "training" / name))
+        label = np.asarray(Image.open(full.root / "annotations" / "training" / name))
+        assert (label > 0).all()  # the ring pixels take the background class
+        np.testing.assert_array_equal(label[ringed > 0], ringed[ringed > 0])  # same scene, same seed
+
 def test_mmseg_reads_the_generated_ade_with_reduce_zero_label(ade):
     from mmseg.datasets import BaseSegDataset
     from mmseg.utils import register_all_modules

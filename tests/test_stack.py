@@ -17,6 +17,22 @@ def test_stack_imports():
     import densevision  # noqa: F401
 
 
+def test_training_and_datasets_load_no_image_readers():
+    """Training and the dataset tools run where GDAL / OpenSlide are not installed: the package imports them lazily."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, densevision, densevision.apis.train, densevision.datasets; "
+        "print(sorted(m for m in ('rasterio', 'openslide', 'densevision.io') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    code = "import densevision; print(densevision.open_image.__module__, densevision.Region.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["densevision.io.open", "Region"]
+
+
 def _random_boxes(n: int, size: float = 200.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(n, 2, generator=g) * size

@@ -138,6 +138,7 @@ def _falls(losses: list[float], k: int = 3) -> bool:
 def test_detection_training(dino_run, coco):
     r = dino_run
     assert r["iterations"] == 12 and len(r["losses"]) == 12 and all(np.isfinite(r["losses"]))
+    assert len(r["iteration_seconds"]) == 12 and all(s > 0 for s in r["iteration_seconds"])
     assert _falls(r["losses"]), r["losses"]
     assert r["classes"] == list(coco.classes) and r["class_source"] == "data"  # not COCO's 80
     assert r["images"] == {"train": 16, "val": 4}

@@ -554,8 +554,9 @@ def train(
 
     Returns:
         ``work_dir``, ``config`` (the resolved config saved there), ``checkpoint`` (the last one), ``iterations``
-        done, ``losses`` (total loss per iteration, resumed runs included), ``classes`` and their ``class_source``,
-        ``images`` per split, ``metrics`` (last validation, if any).
+        done, ``losses`` (total loss per iteration, resumed runs included), ``iteration_seconds`` (per iteration, as
+        mmengine times them), ``classes`` and their ``class_source``, ``images`` per split, ``metrics`` (last
+        validation, if any).
 
     Raises:
         ConfigError, DatasetError, CheckpointError: before anything is trained.
@@ -601,6 +602,7 @@ def train(
         "checkpoint": last.read_text().strip() if last.is_file() else None,
         "iterations": int(runner.iter),
         "losses": _history(runner, "train/loss"),
+        "iteration_seconds": _history(runner, "train/time"),
         "classes": list(report.classes),
         "class_source": report.source,
         "images": report.images,

@@ -214,6 +214,7 @@ def make_coco_dataset(
         crowd_every: every n-th image (n > 0) also holds a crowd of small discs (one ``iscrowd`` annotation of
             class ``disc``, when ``disc`` is a class); 0: none.
         color_jitter: +- per channel around each class's hue.
+        ignore_edges: label the ring around each object 0 (ignored); False labels every pixel with its class.
         seed: everything depends only on it.
     """
     size = _size(image_size)
@@ -285,13 +286,14 @@ def make_ade_dataset(
     background: str | None = "background",
     objects_per_image: tuple[int, int] = (1, 4),
     color_jitter: float = 25.0,
+    ignore_edges: bool = True,
     seed: int = 0,
 ) -> SyntheticDataset:
     """Write an ADE20k-layout semantic segmentation dataset of planted objects under ``root``.
 
-    Label values: 0 = other (a one-pixel ring around each object; ignored), then the classes 1..K in the order of
-    :attr:`SyntheticDataset.classes`: ``background`` (the texture; None leaves it 0 = ignored as well), then the
-    shapes. ``objectInfo<K>.txt`` names them as ADE's ``objectInfo150.txt`` does.
+    Label values: 0 = other (a one-pixel ring around each object unless ``ignore_edges`` is False; ignored), then
+    the classes 1..K in the order of :attr:`SyntheticDataset.classes`: ``background`` (the texture; None leaves it
+    0 = ignored as well), then the shapes. ``objectInfo<K>.txt`` names them as ADE's ``objectInfo150.txt`` does.
 
     Args:
         root: output folder (the ``ADEChallengeData2016`` level).
@@ -324,7 +326,7 @@ def make_ade_dataset(
             stem = f"ADE_{split}_{i + 1:08d}"
             scene = _scene(rng, size, shapes, objects_per_image, False, color_jitter)
             label = np.full(scene.pixels.shape[:2], 1 if background else 0, dtype=np.uint8)
-            for *_, m in scene.objects:
+            for *_, m in scene.objects if ignore_edges else ():
                 label[ndimage.binary_dilation(m) & ~m] = 0
             for shape, _, m in scene.objects:  # objects after rings: a ring never eats an object
                 label[m] = first_shape + list(shapes).index(shape)
