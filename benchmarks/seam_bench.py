@@ -146,13 +146,13 @@ def mosaic_dataset(root: Path, count: int, mosaic: tuple[int, int], ignore_edges
     return root
 
 
-def train_model(args: argparse.Namespace, data_root: Path) -> tuple[str, str | None, list[float], float | None, int]:
+def train_model(args: argparse.Namespace) -> tuple[str, str | None, list[float], float | None, int]:
     """The trained (with ``--iters 0``: one iteration) config and checkpoint, the losses, the training seconds
     (None for a model reused from an earlier run that did not record them) and the iterations."""
     work = args.workdir / training_name(args)
     done = work / "result.json"
     if not done.is_file():
-        done.write_text(json.dumps(_train(args, data_root, work)))
+        done.write_text(json.dumps(_train(args, training_data(args), work)))  # data only when training
     r = json.loads(done.read_text())
     if args.half and not r.get("half"):
         r["half"] = str(work / "model_half.pth")
@@ -374,7 +374,7 @@ def measure(args: argparse.Namespace) -> Part:
         config, checkpoint = args.model
         losses, train_s, iters = [], None, None
     else:
-        config, checkpoint, losses, train_s, iters = train_model(args, training_data(args))
+        config, checkpoint, losses, train_s, iters = train_model(args)
     image, truth, k = test_image(args)
     whole, whole_s = whole_image(config, checkpoint, image, args.device)
     if args.reference_only:
