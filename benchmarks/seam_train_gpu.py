@@ -3,12 +3,12 @@ mmseg slide inference agrees best with its whole-image inference.
 
 Written for a machine whose Python has torch but neither GDAL nor the OpenMMLab stack: the wheels of mmcv (built
 against that torch by tools/install.sh), mmengine, mmsegmentation and their pure-Python needs go on ``PYTHONPATH``
-first. The variants differ only in their training crops (512 px x 8, 256 px x 16); both see the same generated
-mosaics with labelled object edges, in bfloat16 AMP, for the same time. In OUT: ``variants.json`` (each variant's
-reference agreement, the kept run's ``result.json`` and config text), ``train.log`` and the kept float16 weights
-in 15 MiB pieces (``model_half.pth.part-*``). On the CPU machine, in the same work folder (the same path on both),
-write back the config and ``result.json``, ``cat`` the pieces into ``model_half.pth`` and run ``seam_bench.py`` with
-the kept variant's arguments (``variants.json`` lists them).
+first. The variants differ only in their training crops (512 px x 8, 256 px x 16, or the whole mosaics x 4); all
+see the same generated mosaics with labelled object edges, in bfloat16 AMP, for the same time. In OUT:
+``variants.json`` (each variant's reference agreement, the kept run's ``result.json`` and config text),
+``train.log`` and the kept float16 weights in 15 MiB pieces (``model_half.pth.part-*``). On the CPU machine, in the
+same work folder (the same path on both), write back the config and ``result.json``, ``cat`` the pieces into
+``model_half.pth`` and run ``seam_bench.py`` with the kept variant's arguments (``variants.json`` lists them).
 
     PYTHONPATH=$SITE:. python3 benchmarks/seam_train_gpu.py OUT --seconds 300 --limit 480
 """
@@ -25,9 +25,13 @@ from pathlib import Path
 import seam_bench
 
 WORK = Path("/tmp/densevision-bench/seams")  # the same on both machines: result.json names files in it
-COMMON = ["--train-mosaic", "--train-images", "160", "--label-edges", "--amp", "--head-channels", "128",
+COMMON = ["--train-mosaic", "--label-edges", "--amp", "--head-channels", "128",
           "--lr", "2e-4", "--half", "--device", "cuda", "--workdir", str(WORK)]  # fmt: skip
-VARIANTS = {"crop512": ["--crop", "512", "--batch-size", "8"], "crop256": ["--crop", "256", "--batch-size", "16"]}
+VARIANTS = {
+    "crop512": ["--crop", "512", "--batch-size", "8"],
+    "crop256": ["--crop", "256", "--batch-size", "16"],
+    "whole": ["--batch-size", "4"],  # the mosaics uncropped: whole-image inference in the training distribution
+}
 PIECE = 15 << 20
 
 
@@ -36,14 +40,17 @@ def main() -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--seconds", type=float, default=300, help="training time of each variant (they run together)")
     p.add_argument("--limit", type=float, default=480, help="wall-clock limit of the training runs")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["crop512", "crop256"], help="run side by side")
+    p.add_argument("--train-images", default="160", help="generated training mosaics (default 160)")
     args = p.parse_args()
+    variants = {name: VARIANTS[name] for name in args.variants}
     started = time.time()
-    common = [*COMMON, "--train-seconds", f"{args.seconds:g}"]
-    settings = {name: seam_bench.parse_args([*common, *v]) for name, v in VARIANTS.items()}
-    seam_bench.training_data(seam_bench.parse_args([*common, *VARIANTS["crop512"], "--processes", "16"]))
+    common = [*COMMON, "--train-seconds", f"{args.seconds:g}", "--train-images", args.train_images]
+    settings = {name: seam_bench.parse_args([*common, *v]) for name, v in variants.items()}
+    seam_bench.training_data(seam_bench.parse_args([*common, "--processes", "16"]))
     print(f"data ready after {time.time() - started:.0f} s", flush=True)
     logs, procs = {}, {}
-    for name, v in VARIANTS.items():
+    for name, v in variants.items():
         logs[name] = WORK / f"{name}.log"
         command = [sys.executable, "benchmarks/seam_bench.py", *common, *v, "--reference-only", "--processes", "6"]
         procs[name] = subprocess.Popen(command, stdout=logs[name].open("w"), stderr=subprocess.STDOUT)
@@ -61,7 +68,7 @@ def main() -> int:
     for name, s in settings.items():
         run = WORK / seam_bench.training_name(s)
         ref = run / "reference.json"
-        report[name] = {"args": VARIANTS[name], "run": str(run), "exit": procs[name].returncode}
+        report[name] = {"args": variants[name], "run": str(run), "exit": procs[name].returncode}
         if ref.is_file():
             report[name] |= json.loads(ref.read_text())
     done = [n for n in report if "agreement" in report[n]]
