@@ -55,10 +55,24 @@ SIZES = {
     False: {"memory": ["4096", "16384", "65536"], "overhead": "16384", "mmseg": "8192", "detect": "8192"},
     True: {"memory": ["1024", "2048"], "overhead": "2048", "mmseg": "1024", "detect": "1024"},
 }
-# The seam model: trained once (about 25 min on 2 CPU cores), then reused from the work folder.
+# The seam model, trained once, then reused from the work folder: on 2 CPU cores 400 iterations (34 min); with a GPU
+# (or where seam_train_gpu.py's model was copied into the work folder) its recipe, 1815 iterations in about 5 min.
 SEAM_TRAINING = ["--iters", "400", "--head-channels", "256", "--batch-size", "4", "--train-images", "128"]
+SEAM_GPU = [
+    "--train-mosaic", "--label-edges", "--amp", "--head-channels", "128", "--lr", "2e-4", "--half",
+    "--train-seconds", "250", "--train-images", "160", "--crop", "256", "--batch-size", "16",
+]  # fmt: skip
 SEAM_QUICK = ["--iters", "0", "--mosaic", "2x2", "--blends", "gaussian"]
 PACKAGES = ("densevision", "torch", "mmcv", "mmengine", "mmsegmentation", "mmdet", "sahi", "numpy", "rasterio")
+
+
+def seam_recipe(workdir: Path) -> list[str]:
+    """The GPU recipe where there is a GPU or its model already is, else the CPU one."""
+    import torch
+
+    gpu = seam_bench.parse_args(["--workdir", str(workdir / "seams"), *SEAM_GPU])
+    trained = (gpu.workdir / seam_bench.training_name(gpu) / "result.json").is_file()
+    return SEAM_GPU if trained or torch.cuda.is_available() else SEAM_TRAINING
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,7 +94,7 @@ def plan(args: argparse.Namespace) -> dict[str, Callable[[], Part | None]]:
     )
     det = detect_bench.parse_args([*work, "--size", sizes["detect"]])
     seam = seam_bench.parse_args(
-        ["--workdir", str(args.workdir / "seams"), *(SEAM_QUICK if args.quick else SEAM_TRAINING)]
+        ["--workdir", str(args.workdir / "seams"), *(SEAM_QUICK if args.quick else seam_recipe(args.workdir))]
     )
     return {
         "memory": lambda: segment_bench.part_memory(seg),

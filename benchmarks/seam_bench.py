@@ -7,7 +7,8 @@
    ``--iters 0`` measures near-random weights (one iteration).
 3. Test image: validation scenes of the same generator mosaicked into one ``--mosaic`` grid (default 4 x 3 scenes,
    1024 x 768 px), saved as PNG, so tile borders fall through objects and between scenes.
-4. Whole image: mmseg's ``inference_model`` with ``test_cfg.mode="whole"`` (the whole image as one tensor).
+4. Whole image: mmseg's ``inference_model`` with ``test_cfg.mode="whole"`` (the whole image as one tensor, at its
+   own resolution: the config's test pipeline would first resize it to a 512-px short side).
    Tiled: ``densevision.segment_image`` with ``--tile`` / ``--overlap`` (default 256 / 64) and each blend.
    Reported per blend: the share of pixels whose class agrees with the whole-image map, and each map's mIoU against
    the planted truth.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import sys
 import time
@@ -146,9 +148,9 @@ def mosaic_dataset(root: Path, count: int, mosaic: tuple[int, int], ignore_edges
     return root
 
 
-def train_model(args: argparse.Namespace) -> tuple[str, str | None, list[float], float | None, int]:
-    """The trained (with ``--iters 0``: one iteration) config and checkpoint, the losses, the training seconds
-    (None for a model reused from an earlier run that did not record them) and the iterations."""
+def train_model(args: argparse.Namespace) -> dict[str, Any]:
+    """The trained (with ``--iters 0``: one iteration) model's record: ``config``, ``checkpoint`` (with ``--half``
+    the float16 one), ``losses``, ``iterations``, and ``seconds`` and ``device`` of the training where recorded."""
     work = args.workdir / training_name(args)
     done = work / "result.json"
     if not done.is_file():
@@ -158,8 +160,7 @@ def train_model(args: argparse.Namespace) -> tuple[str, str | None, list[float],
         r["half"] = str(work / "model_half.pth")
         save_half(r["checkpoint"], Path(r["half"]))
         done.write_text(json.dumps(r))
-    checkpoint = r["half"] if args.half else r["checkpoint"]
-    return r["config"], checkpoint, r["losses"], r.get("seconds"), r.get("iterations", args.iters)
+    return r | {"checkpoint": r["half"] if args.half else r["checkpoint"]}
 
 
 def _train(args: argparse.Namespace, data_root: Path, work: Path) -> dict[str, Any]:
@@ -203,8 +204,11 @@ def _train(args: argparse.Namespace, data_root: Path, work: Path) -> dict[str, A
     interval = max(100, iters // 5)  # checkpoints on the way: a run cut short still leaves a model
     r = train(CONFIG, work_dir=work, max_iters=iters, log_interval=25, checkpoint_interval=interval, **run)
     # --iters 0 keeps the one iteration's checkpoint: both sides must load the same (near random) weights
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
     return {"config": r["config"], "checkpoint": r["checkpoint"], "losses": r["losses"], "iterations": iters,
-            "seconds": time.perf_counter() - started}  # fmt: skip
+            "seconds": time.perf_counter() - started, "device": device}  # fmt: skip
 
 
 def save_half(checkpoint: str, path: Path) -> None:
@@ -247,7 +251,11 @@ def whole_image(
 
     patch_mmengine()
     test_cfg = {"mode": "slide", "crop_size": (tile, tile), "stride": (stride, stride)} if tile else {"mode": "whole"}
-    model = init_model(config, checkpoint, device=device, cfg_options={"model.test_cfg": test_cfg})
+    # the image at its own resolution, as densevision reads it: the config's test pipeline would first resize it
+    # (ADE's Resize to a 512-px short side)
+    pipeline = [{"type": "LoadImageFromFile"}, {"type": "PackSegInputs"}]
+    options = {"model.test_cfg": test_cfg, "test_pipeline": pipeline}
+    model = init_model(config, checkpoint, device=device, cfg_options=options)
     start = time.perf_counter()
     result = inference_model(model, str(image))
     return result.pred_sem_seg.data[0].cpu().numpy().astype(np.uint8), time.perf_counter() - start
@@ -311,14 +319,13 @@ def trained(args: argparse.Namespace, iters: int | None) -> str:
     return f"trained {iters} iterations" if args.iters or args.train_seconds else "near-random weights (1 iteration)"
 
 
-def describe_model(
-    args: argparse.Namespace, config: str, checkpoint: str | None, losses: list[float], seconds: float | None,
-    iters: int | None,
-) -> str:  # fmt: skip
+def describe_model(args: argparse.Namespace, record: dict[str, Any]) -> str:
     """One sentence: the model and how it was trained."""
     if args.model:
-        return f"Model: `{config}` with `{checkpoint}` (given)."
+        return f"Model: `{record['config']}` with `{record['checkpoint']}` (given)."
+    losses, seconds, device = record["losses"], record.get("seconds"), record.get("device")
     took = f"{seconds:.0f} s" if seconds is not None else "trained in an earlier run"
+    took += f" on {device}" if device else ""
     loss = f"; loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}" if len(losses) > 1 else ""
     data = (
         f"{args.train_images} generated {args.mosaic} mosaics" if args.train_mosaic
@@ -328,7 +335,8 @@ def describe_model(
     edges = ", object edges labelled" if args.label_edges else ""
     return (
         f"Model: UperNet ({args.head_channels} channels) + Swin-T (full size; {CONFIG.relative_to(REPO)}), "
-        f"{trained(args, iters)} (batch {args.batch_size}, AdamW lr {args.lr:g}{', AMP' if args.amp else ''}, "
+        f"{trained(args, record.get('iterations'))} (batch {args.batch_size}, AdamW lr {args.lr:g}"
+        f"{', bfloat16 AMP' if args.amp else ''}, "
         f"{data}{crops}{edges}, {took}{loss}){'; weights rounded to float16' if args.half else ''}."
     )
 
@@ -370,11 +378,8 @@ def reference_only(
 def measure(args: argparse.Namespace) -> Part:
     """Train (or reuse) the model, predict the mosaic whole and tiled per blend; the table and its headline."""
     args.workdir.mkdir(parents=True, exist_ok=True)
-    if args.model:
-        config, checkpoint = args.model
-        losses, train_s, iters = [], None, None
-    else:
-        config, checkpoint, losses, train_s, iters = train_model(args)
+    record = {"config": args.model[0], "checkpoint": args.model[1], "losses": []} if args.model else train_model(args)
+    config, checkpoint, iters = record["config"], record["checkpoint"], record.get("iterations")
     image, truth, k = test_image(args)
     whole, whole_s = whole_image(config, checkpoint, image, args.device)
     if args.reference_only:
@@ -382,7 +387,7 @@ def measure(args: argparse.Namespace) -> Part:
     shared = in_overlaps(truth.shape, args.tile, args.overlap)
     edges = near_edges(whole)
     rows = [
-        f"| whole image (mmseg `inference_model`, mode whole) | - | - | - | {whole_s:.1f} | "
+        f"| whole image (mmseg `inference_model`, mode whole, at the image's resolution) | - | - | - | {whole_s:.1f} | "
         f"{miou(whole, truth, k):.3f} |"
     ]
     agreement, preds = {}, {}
@@ -412,7 +417,7 @@ def measure(args: argparse.Namespace) -> Part:
         )
     text = "\n".join(
         [
-            f"{describe_model(args, config, checkpoint, losses, train_s, iters)} Image: {w} x {h} px mosaic of "
+            f"{describe_model(args, record)} Image: {w} x {h} px mosaic of "
             f"{args.mosaic} generated scenes; tile {args.tile}, overlap {args.overlap}; device {args.device}.",
             "",
             "| prediction | pixels agreeing with the whole-image argmax | differing where tiles overlap / "

@@ -10,7 +10,7 @@ see the same generated mosaics with labelled object edges, in bfloat16 AMP, for 
 same work folder (the same path on both), write back the config and ``result.json``, ``cat`` the pieces into
 ``model_half.pth`` and run ``seam_bench.py`` with the kept variant's arguments (``variants.json`` lists them).
 
-    PYTHONPATH=$SITE:. python3 benchmarks/seam_train_gpu.py OUT --seconds 300 --limit 480
+    PYTHONPATH=$SITE:. python3 benchmarks/seam_train_gpu.py OUT --seconds 250 --limit 450
 """
 
 from __future__ import annotations
@@ -39,11 +39,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
     p.add_argument("--seconds", type=float, default=300, help="training time of each variant (they run together)")
-    p.add_argument("--limit", type=float, default=480, help="wall-clock limit of the training runs")
+    p.add_argument(
+        "--limit", type=float, help="wall-clock limit of the training runs (default: --seconds + 150 for loading,\n"
+        "the probe and the reference predictions)",
+    )  # fmt: skip
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["crop512", "crop256"], help="run side by side")
     p.add_argument("--train-images", default="160", help="generated training mosaics (default 160)")
     args = p.parse_args()
     variants = {name: VARIANTS[name] for name in args.variants}
+    limit = args.limit or args.seconds + 150
     started = time.time()
     common = [*COMMON, "--train-seconds", f"{args.seconds:g}", "--train-images", args.train_images]
     settings = {name: seam_bench.parse_args([*common, *v]) for name, v in variants.items()}
@@ -54,7 +58,7 @@ def main() -> int:
         logs[name] = WORK / f"{name}.log"
         command = [sys.executable, "benchmarks/seam_bench.py", *common, *v, "--reference-only", "--processes", "6"]
         procs[name] = subprocess.Popen(command, stdout=logs[name].open("w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + args.limit
+    deadline = time.time() + limit
     for proc in procs.values():
         try:
             proc.wait(timeout=max(1.0, deadline - time.time()))

@@ -44,3 +44,42 @@ def test_run_all_without_sahi_says_how_to_install(tmp_path: Path) -> None:
     run = subprocess.run([*cmd, "--workdir", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 2
     assert "pip install -e '.[bench]'" in run.stdout
+
+
+def test_seam_reference_is_whole_image_inference_at_the_image_resolution(tmp_path: Path) -> None:
+    """The seam benchmark's reference must not go through the config's test pipeline, which resizes the image to a
+    512-px short side first (that once made the reference a prediction of a rescaled image)."""
+    import cv2
+    import numpy as np
+    import torch
+    from mmseg.apis import init_model
+    from mmseg.structures import SegDataSample
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import seam_bench
+
+    config = tmp_path / "small.py"
+    config.write_text(
+        f"_base_ = [{str(seam_bench.CONFIG)!r}]\n"
+        "model = dict(decode_head=dict(channels=16, num_classes=3), auxiliary_head=dict(channels=8, num_classes=3))\n"
+    )
+    torch.manual_seed(0)
+    model = init_model(str(config), None, device="cpu")
+    model.init_weights()
+    checkpoint = tmp_path / "model.pth"
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, checkpoint)
+    image = tmp_path / "image.png"
+    pixels = np.random.default_rng(0).integers(0, 255, (96, 160, 3), dtype=np.uint8)
+    cv2.imwrite(str(image), pixels)
+
+    whole, _ = seam_bench.whole_image(str(config), str(checkpoint), image, "cpu")
+
+    model.eval()
+    metas = [{"img_shape": (96, 160), "ori_shape": (96, 160)}]
+    data = model.data_preprocessor(
+        {"inputs": [torch.from_numpy(pixels).permute(2, 0, 1)], "data_samples": [SegDataSample(metainfo=metas[0])]}
+    )
+    with torch.no_grad():
+        expected = model.encode_decode(data["inputs"], metas).argmax(1)[0].numpy()
+    assert whole.shape == (96, 160)
+    np.testing.assert_array_equal(whole, expected)

@@ -138,6 +138,7 @@ def test_ade_without_ignored_edges_labels_every_pixel(tmp_path, ade):
         assert (label > 0).all()  # the ring pixels take the background class
         np.testing.assert_array_equal(label[ringed > 0], ringed[ringed > 0])  # same scene, same seed
 
+
 def test_mmseg_reads_the_generated_ade_with_reduce_zero_label(ade):
     from mmseg.datasets import BaseSegDataset
     from mmseg.utils import register_all_modules
