@@ -76,7 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--model", nargs=2, metavar=("CONFIG", "CHECKPOINT"), help="compare this model instead of training")
     p.add_argument("--device", default="cpu", help="device of both predictions (default cpu)")
-    p.add_argument("--processes", type=int, default=2, help="processes generating the training data (default 2)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="processes generating the training data, and data\nloader workers (at most 8) (default 2)",
+    )
     p.add_argument("--mosaic", default="4x3", help="test image: columns x rows of 256-px scenes (default 4x3)")
     p.add_argument("--tile", type=int, default=256, help="tile side (default 256)")
     p.add_argument("--overlap", type=int, default=64, help="tile overlap (default 64)")
@@ -104,6 +109,17 @@ def training_name(args: argparse.Namespace) -> str:
     return name + ("_edges" if args.label_edges else "") + ("_amp" if args.amp else "")
 
 
+def lay_out(images: list[Path], labels: list[Path], nx: int, ny: int) -> tuple[np.ndarray, np.ndarray]:
+    """``nx x ny`` scenes (image and label files, row by row) side by side: the mosaic's pixels and labels."""
+    pixels = np.zeros((ny * SCENE, nx * SCENE, 3), np.uint8)
+    truth = np.zeros((ny * SCENE, nx * SCENE), np.uint8)
+    for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
+        y, x = (i // nx) * SCENE, (i % nx) * SCENE
+        pixels[y : y + SCENE, x : x + SCENE] = np.asarray(Image.open(img).convert("RGB"))
+        truth[y : y + SCENE, x : x + SCENE] = np.asarray(Image.open(lab))
+    return pixels, truth
+
+
 def _mosaics(job: tuple[Path, int, int, tuple[int, int], bool, int]) -> None:
     """One process's share of :func:`mosaic_dataset`: scenes generated with its seed, then laid out."""
     from densevision.datasets import make_ade_dataset
@@ -115,13 +131,9 @@ def _mosaics(job: tuple[Path, int, int, tuple[int, int], bool, int]) -> None:
     )  # fmt: skip
     images = sorted((ds.root / "images" / "training").glob("*.jpg"))
     labels = sorted((ds.root / "annotations" / "training").glob("*.png"))
+    n = nx * ny
     for m in range(count):
-        pixels = np.zeros((ny * SCENE, nx * SCENE, 3), np.uint8)
-        truth = np.zeros((ny * SCENE, nx * SCENE), np.uint8)
-        for i in range(nx * ny):
-            y, x = (i // nx) * SCENE, (i % nx) * SCENE
-            pixels[y : y + SCENE, x : x + SCENE] = np.asarray(Image.open(images[m * nx * ny + i]).convert("RGB"))
-            truth[y : y + SCENE, x : x + SCENE] = np.asarray(Image.open(labels[m * nx * ny + i]))
+        pixels, truth = lay_out(images[m * n : (m + 1) * n], labels[m * n : (m + 1) * n], nx, ny)
         stem = f"ADE_train_{first + m + 1:08d}"
         Image.fromarray(pixels).save(root / "images" / "training" / f"{stem}.png", compress_level=1)
         Image.fromarray(truth).save(root / "annotations" / "training" / f"{stem}.png")
@@ -164,6 +176,8 @@ def train_model(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace, data_root: Path, work: Path) -> dict[str, Any]:
+    import torch
+
     from densevision.apis.train import train
 
     started = time.perf_counter()
@@ -204,8 +218,6 @@ def _train(args: argparse.Namespace, data_root: Path, work: Path) -> dict[str, A
     interval = max(100, iters // 5)  # checkpoints on the way: a run cut short still leaves a model
     r = train(CONFIG, work_dir=work, max_iters=iters, log_interval=25, checkpoint_interval=interval, **run)
     # --iters 0 keeps the one iteration's checkpoint: both sides must load the same (near random) weights
-    import torch
-
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
     return {"config": r["config"], "checkpoint": r["checkpoint"], "losses": r["losses"], "iterations": iters,
             "seconds": time.perf_counter() - started, "device": device}  # fmt: skip
@@ -230,18 +242,13 @@ def test_image(args: argparse.Namespace) -> tuple[Path, np.ndarray, int]:
     ds = make_ade_dataset(args.workdir / "test-scenes", num_train=0, num_val=nx * ny, image_size=SCENE, seed=99)
     imgs = sorted((ds.root / "images" / "validation").glob("*.jpg"))
     labels = sorted((ds.root / "annotations" / "validation").glob("*.png"))
-    pixels = np.zeros((ny * SCENE, nx * SCENE, 3), np.uint8)
-    truth = np.zeros((ny * SCENE, nx * SCENE), np.uint8)
-    for i, (img, lab) in enumerate(zip(imgs, labels, strict=True)):
-        y, x = (i // nx) * SCENE, (i % nx) * SCENE
-        pixels[y : y + SCENE, x : x + SCENE] = np.asarray(Image.open(img).convert("RGB"))
-        truth[y : y + SCENE, x : x + SCENE] = np.asarray(Image.open(lab))
+    pixels, truth = lay_out(imgs, labels, nx, ny)
     path = args.workdir / f"mosaic_{nx}x{ny}.png"
     Image.fromarray(pixels).save(path)
     return path, truth, len(ds.classes)
 
 
-def whole_image(
+def mmseg_prediction(
     config: str, checkpoint: str | None, image: Path, device: str, tile: int | None = None, stride: int | None = None
 ) -> tuple[np.ndarray, float]:
     """mmseg's own whole-image prediction (class indices) and its time; with ``tile``: its slide inference."""
@@ -360,7 +367,7 @@ def reference_only(
     k: int, iters: int | None,
 ) -> Part:  # fmt: skip
     """mmseg's slide inference (densevision's constant blend on the same grid) against its whole-image map."""
-    slide, _ = whole_image(config, checkpoint, image, args.device, args.tile, args.tile - args.overlap)
+    slide, _ = mmseg_prediction(config, checkpoint, image, args.device, args.tile, args.tile - args.overlap)
     result = {
         "agreement": float(np.mean(slide == whole)), "miou_whole": miou(whole, truth, k),
         "miou_slide": miou(slide, truth, k), "iterations": iters,
@@ -381,7 +388,7 @@ def measure(args: argparse.Namespace) -> Part:
     record = {"config": args.model[0], "checkpoint": args.model[1], "losses": []} if args.model else train_model(args)
     config, checkpoint, iters = record["config"], record["checkpoint"], record.get("iterations")
     image, truth, k = test_image(args)
-    whole, whole_s = whole_image(config, checkpoint, image, args.device)
+    whole, whole_s = mmseg_prediction(config, checkpoint, image, args.device)
     if args.reference_only:
         return reference_only(args, config, checkpoint, image, whole, truth, k, iters)
     shared = in_overlaps(truth.shape, args.tile, args.overlap)

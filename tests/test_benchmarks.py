@@ -72,7 +72,7 @@ def test_seam_reference_is_whole_image_inference_at_the_image_resolution(tmp_pat
     pixels = np.random.default_rng(0).integers(0, 255, (96, 160, 3), dtype=np.uint8)
     cv2.imwrite(str(image), pixels)
 
-    whole, _ = seam_bench.whole_image(str(config), str(checkpoint), image, "cpu")
+    whole, _ = seam_bench.mmseg_prediction(str(config), str(checkpoint), image, "cpu")
 
     model.eval()
     metas = [{"img_shape": (96, 160), "ori_shape": (96, 160)}]

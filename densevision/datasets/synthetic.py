@@ -214,7 +214,6 @@ def make_coco_dataset(
         crowd_every: every n-th image (n > 0) also holds a crowd of small discs (one ``iscrowd`` annotation of
             class ``disc``, when ``disc`` is a class); 0: none.
         color_jitter: +- per channel around each class's hue.
-        ignore_edges: label the ring around each object 0 (ignored); False labels every pixel with its class.
         seed: everything depends only on it.
     """
     size = _size(image_size)
@@ -303,6 +302,7 @@ def make_ade_dataset(
         background: name of the texture class, or None.
         objects_per_image: inclusive range of objects per image.
         color_jitter: +- per channel around each class's hue.
+        ignore_edges: label the ring around each object 0 (ignored); False labels every pixel with its class.
         seed: everything depends only on it.
     """
     size = _size(image_size)
