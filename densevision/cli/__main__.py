@@ -1,0 +1,5 @@
+import sys
+
+from densevision.cli.main import main
+
+sys.exit(main())
