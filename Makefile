@@ -1,7 +1,9 @@
 # Everything runs inside .venv, which `make setup` creates (tools/install.sh: torch, mmcv built with ops, densevision).
 VENV ?= .venv
 BIN := $(VENV)/bin
-DATA ?= ../shared/data
+# A sample-data folder for the demo (wsi/CMU-1-Small-Region.svs, geotiff/RGB.byte.tif); empty: the copies the
+# package ships (densevision/samples).
+DATA ?=
 STAMP := $(VENV)/.densevision-ready
 
 .PHONY: setup demo test test-slow lint format typecheck clean bench bench-read
@@ -16,7 +18,7 @@ setup: $(STAMP)
 # kind of images (cached in ~/.cache/densevision/demo), the slide segmented and the scene's objects detected tile by
 # tile, scored against the planted truth. Outputs and demo_summary.json in outputs/demo/.
 demo: setup
-	$(BIN)/densevision demo --data $(DATA)
+	$(BIN)/densevision demo $(if $(DATA),--data $(DATA))
 
 lint: setup
 	$(BIN)/ruff check densevision tests tools benchmarks configs

@@ -1,6 +1,6 @@
 """Peak memory and speed of windowed reading as the slide grows: is memory flat in the image size?
 
-For each size, generates a synthetic pyramidal JPEG slide (``densevision.io.synthetic.make_slide``; reused when
+For each size, generates a synthetic pyramidal JPEG slide (``densevision.synthetic.slides.make_slide``; reused when
 already present in ``--workdir`` with the same parameters), then reads all of level 0 in ``--window`` x
 ``--window`` windows, row-major, once through ``densevision.open_image(...).read_region`` and once through raw
 ``openslide.OpenSlide.read_region``. Every generation and every read runs in a fresh child process, whose peak
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def child_generate(args: argparse.Namespace) -> dict[str, Any]:
-    from densevision.io.synthetic import make_slide
+    from densevision.synthetic.slides import make_slide
 
     kw: dict[str, Any] = {"source": args.source} if args.source else {}
     t0 = time.perf_counter()

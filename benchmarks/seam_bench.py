@@ -122,7 +122,7 @@ def lay_out(images: list[Path], labels: list[Path], nx: int, ny: int) -> tuple[n
 
 def _mosaics(job: tuple[Path, int, int, tuple[int, int], bool, int]) -> None:
     """One process's share of :func:`mosaic_dataset`: scenes generated with its seed, then laid out."""
-    from densevision.datasets import make_ade_dataset
+    from densevision.synthetic.datasets import make_ade_dataset
 
     root, first, count, (nx, ny), ignore_edges, seed = job
     ds = make_ade_dataset(
@@ -236,7 +236,7 @@ def save_half(checkpoint: str, path: Path) -> None:
 
 def test_image(args: argparse.Namespace) -> tuple[Path, np.ndarray, int]:
     """Validation scenes mosaicked into one PNG; returns it, the truth labels (0 = ignore) and the class count."""
-    from densevision.datasets import make_ade_dataset
+    from densevision.synthetic.datasets import make_ade_dataset
 
     nx, ny = layout(args.mosaic)
     ds = make_ade_dataset(args.workdir / "test-scenes", num_train=0, num_val=nx * ny, image_size=SCENE, seed=99)
@@ -350,7 +350,7 @@ def describe_model(args: argparse.Namespace, record: dict[str, Any]) -> str:
 
 def training_data(args: argparse.Namespace) -> Path:
     """The generated training set's root: 256-px scenes, or with ``--train-mosaic`` mosaics like the test image."""
-    from densevision.datasets import make_ade_dataset
+    from densevision.synthetic.datasets import make_ade_dataset
 
     edges = "_edges" if args.label_edges else ""
     if args.train_mosaic:

@@ -172,7 +172,7 @@ def _grid(width: int, height: int, args: argparse.Namespace) -> Any:
 
 
 def child_slide(args: argparse.Namespace) -> dict[str, Any]:
-    from densevision.io.synthetic import make_slide
+    from densevision.synthetic.slides import make_slide
 
     t0 = time.perf_counter()
     make_slide(args.path, args.width, args.height, tile_size=args.tile_size, quality=args.quality, seed=args.seed)
@@ -180,7 +180,7 @@ def child_slide(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_geotiff(args: argparse.Namespace) -> dict[str, Any]:
-    from densevision.io.synthetic import make_geotiff
+    from densevision.synthetic.rasters import make_geotiff
 
     t0 = time.perf_counter()
     make_geotiff(args.path, args.width, args.height, nodata=None, seed=args.seed)

@@ -15,27 +15,28 @@ import tifffile
 from PIL import Image
 
 from densevision.cli import main
-from densevision.datasets import check_coco, check_segmentation, read_class_file
-from densevision.demo.datasets import crop_origins, write_ade_crops, write_coco_crops
-from densevision.demo.scenes import SceneSpec, build, class_names
+from densevision.demo.run import PRESETS
 from densevision.demo.score import detection_scores, segmentation_scores
-from densevision.io.synthetic import Planted
+from densevision.synthetic.crop_datasets import crop_origins, write_ade_crops, write_coco_crops
+from densevision.synthetic.planted import Planted
+from densevision.synthetic.scenes import SceneSpec, build, class_names, find_sources, read_truth
+from densevision.training.checks import check_coco, check_segmentation, read_class_file
 
 CROP = 128
 
 
 @pytest.fixture(scope="module")
-def slide(data_dir, tmp_path_factory):
+def slide(tmp_path_factory):
     spec = SceneSpec("slide", 640, 576, 12, (24, 64), seed=5)
     path = tmp_path_factory.mktemp("slide") / "slide.tiff"
-    return path, build(spec, path, data_dir)
+    return path, build(spec, path, find_sources())  # the shipped samples
 
 
 @pytest.fixture(scope="module")
-def scene(data_dir, tmp_path_factory):
+def scene(tmp_path_factory):
     spec = SceneSpec("geotiff", 608, 544, 20, (16, 48), seed=6, collar=16)
     path = tmp_path_factory.mktemp("scene") / "scene.tif"
-    return path, build(spec, path, data_dir)
+    return path, build(spec, path, find_sources())
 
 
 def test_crop_origins_cover_and_split():
@@ -44,6 +45,15 @@ def test_crop_origins_cover_and_split():
     split_y = 520 - 130
     assert all(y + 128 <= split_y for _, y in origins["train"]) and all(y >= split_y for _, y in origins["val"])
     assert {y for _, y in origins["val"]} == {390, 392}  # the grid, and one crop ending at the border
+
+
+def test_a_data_folder_gives_the_same_scene_as_the_shipped_samples(data_dir, scene, tmp_path):
+    path, objects = scene
+    again = tmp_path / "scene.tif"
+    assert (
+        build(SceneSpec("geotiff", 608, 544, 20, (16, 48), seed=6, collar=16), again, find_sources(data_dir)) == objects
+    )
+    assert again.read_bytes() == path.read_bytes()
 
 
 def test_planted_classes_follow_the_scene_kind(slide, scene):
@@ -157,10 +167,50 @@ EXPECTED_FILES = (
 )  # fmt: skip
 
 
+def independent_scores(out: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """The demo's scores recomputed from its files alone, without densevision.demo.score: per-class IoU of the whole
+    class map (read at once: the tiny demo's slide is small) against the truth painted in one array, and detection
+    precision / recall from a plain greedy match (best score first, IoU of xywh boxes, same class, each object once).
+    """
+    summary = json.loads((out / "demo_summary.json").read_text())
+    seg_classes = summary["segmentation"]["model"]["classes"]
+    pred = tifffile.imread(out / "slide.classes.tif", level=0).astype(np.int64)  # 255 = skipped as empty
+    pred[pred == 255] = 0
+    truth = np.zeros_like(pred)
+    for o in read_truth(out / "slide.truth.json"):
+        truth[o.y0 : o.y1, o.x0 : o.x1][o.mask(o.x0, o.y0, o.x1 - o.x0, o.y1 - o.y0)] = seg_classes.index(o.label)
+    iou = {}
+    for k, name in enumerate(seg_classes):
+        union = ((truth == k) | (pred == k)).sum()
+        if union:
+            iou[name] = ((truth == k) & (pred == k)).sum() / union
+    det_classes = summary["detection"]["model"]["classes"]
+    objects = read_truth(out / "scene.truth.json")
+    found = [False] * len(objects)
+    tp = 0
+    detections = json.loads((out / "scene.objects.coco.json").read_text())
+    for d in sorted(detections, key=lambda d: -d["score"]):
+        x, y, w, h = d["bbox"]
+        best, best_iou = None, -1.0
+        for i, o in enumerate(objects):
+            if found[i] or det_classes.index(o.label) != d["category_id"]:
+                continue
+            ix = max(0.0, min(x + w, o.x1) - max(x, o.x0))
+            iy = max(0.0, min(y + h, o.y1) - max(y, o.y0))
+            inter = ix * iy
+            v = inter / (w * h + (o.x1 - o.x0) * (o.y1 - o.y0) - inter)
+            if v > best_iou:
+                best, best_iou = i, v
+        if best is not None and best_iou >= 0.5:  # the demo's threshold
+            found[best], tp = True, tp + 1
+    det = {"tp": tp, "detections": len(detections), "objects": len(objects)}
+    return iou, det
+
+
 @pytest.mark.slow
-def test_demo_end_to_end_then_cached(data_dir, tmp_path, capsys):
+def test_demo_end_to_end_then_cached(tmp_path, capsys):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    args = ["demo", "--size", "tiny", "--data", str(data_dir), "--out", str(out), "--cache-dir", str(cache), "-q"]
+    args = ["demo", "--size", "tiny", "--out", str(out), "--cache-dir", str(cache), "-q"]  # the shipped samples
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "training" in printed and f"summary:      {out / 'demo_summary.json'}" in printed
@@ -171,7 +221,10 @@ def test_demo_end_to_end_then_cached(data_dir, tmp_path, capsys):
     assert first["models_from_cache"] is False
     seg, det = first["segmentation"], first["detection"]
     assert set(seg["scores"]["iou"]) == {"background", "ellipse", "rect"}
-    assert 0 <= det["scores"]["objects"] == len(json.loads((out / "scene.truth.json").read_text())["objects"])
+    # The scores are those of the files, recomputed independently; the planted count is the preset's.
+    iou, found = independent_scores(out)
+    assert {k: v for k, v in seg["scores"]["iou"].items() if v is not None} == pytest.approx(iou)
+    assert {k: det["scores"][k] for k in found} == found and found["objects"] == PRESETS["tiny"].scene.count
     assert Path(seg["model"]["checkpoint"]).is_relative_to(cache) and seg["model"]["iterations"] == 2
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["detection", "segmentation"]
 

@@ -4,20 +4,21 @@ image's coordinates (CRS for rasters, QuPath level-0 pixels for slides); resume;
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 import shapely
-from colour_detector import ColourDetector, ColourSam
 from pycocotools import mask as mask_utils
 from rasterio.features import rasterize
 from rasterio.warp import transform as warp_transform
 
 from densevision import detect_objects, segment_instances
 from densevision.errors import ConfigError
-from densevision.io.synthetic import Planted, make_geotiff, make_slide
+from densevision.synthetic.detectors import ColourDetector, ColourSam
+from densevision.synthetic.planted import Planted
+from densevision.synthetic.rasters import make_geotiff
+from densevision.synthetic.slides import make_slide
 from densevision.tiling import TileGrid
 
 TILE, OVERLAP = 256, 64
@@ -215,8 +216,7 @@ def test_two_ranks_give_the_same_file(scene, tmp_path):
         textwrap.dedent(
             f"""
             import sys
-            sys.path.insert(0, {str(Path(__file__).parent)!r})
-            from colour_detector import ColourDetector
+            from densevision.synthetic.detectors import ColourDetector
             from densevision import detect_objects
             r = detect_objects(sys.argv[1], out=sys.argv[2], predictor=ColourDetector({COLOURS!r}, masks=True),
                                tile={TILE}, overlap={OVERLAP}, batch_size=3, workers=0, progress=False)

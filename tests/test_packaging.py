@@ -194,7 +194,7 @@ def test_the_installed_command_runs_info_and_the_tiny_demo_anywhere(wheel_env: d
     assert info[0]["backend"] == "openslide" and "32618" in info[1]["crs"]
 
     started = time.perf_counter()
-    args = ["demo", "--size", "tiny", "--cache-dir", wheel_env["cache"], "-q"]
+    args: list[str | Path] = ["demo", "--size", "tiny", "--cache-dir", wheel_env["cache"], "-q"]
     _run([*command, *args], cwd=work, env=_env(), timeout=900)
     seconds = time.perf_counter() - started
     summary = json.loads((work / "outputs" / "demo" / "demo_summary.json").read_text())  # ./outputs/demo

@@ -23,7 +23,7 @@ def test_training_and_datasets_load_no_image_readers():
     import sys
 
     code = (
-        "import sys, densevision, densevision.apis.train, densevision.datasets; "
+        "import sys, densevision, densevision.apis.train, densevision.synthetic.datasets; "
         "print(sorted(m for m in ('rasterio', 'openslide', 'densevision.io') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

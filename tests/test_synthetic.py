@@ -1,5 +1,5 @@
-"""Synthetic big images: OpenSlide / rasterio read them as asked, planted objects sit at their boxes, memory stays
-bounded while writing."""
+"""Generated big images: OpenSlide / rasterio read them as asked, planted objects sit at their boxes (and cover the
+same pixels whatever window asks), memory stays bounded while writing."""
 
 from __future__ import annotations
 
@@ -13,18 +13,17 @@ import rasterio
 
 import densevision
 from densevision.errors import ConfigError
-from densevision.io.synthetic import Planted, make_geotiff, make_slide, scatter_objects
+from densevision.samples import GEOTIFF, SLIDE, sample_path
+from densevision.synthetic.planted import Planted, exact_objects, scatter_objects
+from densevision.synthetic.rasters import make_geotiff
+from densevision.synthetic.slides import make_slide
 
 W, H, T = 1500, 1100, 256  # awkward sizes: partial edge tiles, odd level sizes below
 
 
 @pytest.fixture(scope="module")
-def sources(data_dir: Path) -> tuple[Path, Path]:
-    slide, raster = data_dir / "wsi" / "CMU-1-Small-Region.svs", data_dir / "geotiff" / "RGB.byte.tif"
-    for p in (slide, raster):
-        if not p.is_file():
-            pytest.skip(f"sample file {p} is missing")
-    return slide, raster
+def sources() -> tuple[Path, Path]:
+    return sample_path(SLIDE), sample_path(GEOTIFF)  # shipped with the package
 
 
 PLANT = [
@@ -80,6 +79,8 @@ def test_slide_is_deterministic(tmp_path: Path, sources: tuple[Path, Path]) -> N
     make_slide(b, 300, 200, source=sources[0], tile_size=128, seed=1)
     make_slide(c, 300, 200, source=sources[0], tile_size=128, seed=2)
     assert a.read_bytes() == b.read_bytes() != c.read_bytes()
+    make_slide(b, 300, 200, tile_size=128, seed=1)  # the default source: the shipped sample
+    assert b.read_bytes() == a.read_bytes()
 
 
 def test_planted_objects_at_exact_boxes(slide: tuple[Path, list[Planted]]) -> None:
@@ -109,9 +110,7 @@ def test_planted_objects_at_exact_boxes(slide: tuple[Path, list[Planted]]) -> No
 
 def test_ellipse_box_is_tight() -> None:
     obj = Planted(10, 20, 27, 31, shape="ellipse")
-    from densevision.io.synthetic import _prepare_plants
-
-    (tight,) = _prepare_plants([obj], 100, 100, 3)
+    (tight,) = exact_objects([obj], 100, 100, 3)
     full = tight.mask(0, 0, 100, 100)
     ys, xs = np.nonzero(full)
     assert tight.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
@@ -201,3 +200,40 @@ def test_generation_memory_is_bounded_by_a_row_of_tiles(tmp_path: Path, sources:
     small, big = peak(1024, 512), peak(1024, 8192)  # 16 x taller: 24 MB of raw pixels more
     raw_big = 1024 * 8192 * 3
     assert big - small < raw_big / 16, (small, big)
+
+
+TRIANGLE = Planted(0, 0, 1, 1, shape="polygon", label="triangle", polygon=(30.5, 7.0, 51.0, 40.0, 10.0, 40.0))
+
+
+@pytest.mark.parametrize("obj", [TRIANGLE, Planted(10, 20, 27, 31, shape="ellipse", ellipse=(20.3, 25.1, 9.7, 5.2))])
+def test_a_window_sees_the_pixels_of_the_whole_image(obj: Planted) -> None:
+    full = obj.mask(0, 0, 64, 48)
+    for x, y, w, h in [(0, 0, 64, 48), (13, 9, 20, 17), (40, 30, 30, 30), (-5, -3, 20, 20), (100, 100, 8, 8)]:
+        window = np.zeros((h, w), dtype=bool)
+        xs, ys = slice(max(x, 0), min(x + w, 64)), slice(max(y, 0), min(y + h, 48))
+        if xs.start < xs.stop and ys.start < ys.stop:
+            window[ys.start - y : ys.stop - y, xs.start - x : xs.stop - x] = full[ys, xs]
+        np.testing.assert_array_equal(obj.mask(x, y, w, h), window, err_msg=str((x, y, w, h)))
+
+
+def test_a_polygon_is_what_cocos_rasteriser_fills() -> None:
+    from pycocotools import mask as mask_utils
+
+    (tight,) = exact_objects([TRIANGLE], 64, 48, 3)
+    rle = mask_utils.frPyObjects([list(TRIANGLE.polygon or ())], 48, 64)
+    expected = mask_utils.decode(mask_utils.merge(rle)).astype(bool)  # the reference: COCO's own decoding
+    np.testing.assert_array_equal(tight.mask(0, 0, 64, 48), expected)
+    ys, xs = np.nonzero(expected)
+    assert tight.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) and tight.area == expected.sum()
+
+
+def test_a_crowd_covers_its_parts_and_round_trips_through_json() -> None:
+    parts = (Planted(2, 2, 8, 8, shape="ellipse"), Planted(20, 4, 26, 10, shape="ellipse"))
+    crowd = Planted(0, 0, 32, 16, shape="ellipse", label="disc", parts=parts, iscrowd=True, file_name="a.jpg")
+    (tight,) = exact_objects([crowd], 32, 16, 3)
+    m = tight.mask(0, 0, 32, 16)
+    np.testing.assert_array_equal(m, parts[0].mask(0, 0, 32, 16) | parts[1].mask(0, 0, 32, 16))
+    assert tight.box == (2, 2, 26, 10) and tight.iscrowd
+    assert Planted.from_dict(tight.as_dict()) == tight
+    plain = Planted(1, 2, 3, 4, shape="ellipse", label="x")
+    assert set(plain.as_dict()) == {"x0", "y0", "x1", "y1", "color", "shape", "label", "ellipse"}  # as before

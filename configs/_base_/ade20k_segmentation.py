@@ -1,7 +1,7 @@
 # ADE20k-layout semantic segmentation: dataset, pipelines, dataloaders, mIoU evaluator, AdamW with linear warmup
 # and poly decay over 160k iterations (upstream mmseg), runtime. Model configs take this as their only `_base_`.
 #
-# Layout under data_root (ADEChallengeData2016, and what densevision.datasets.make_ade_dataset writes):
+# Layout under data_root (ADEChallengeData2016, and what densevision.synthetic.datasets.make_ade_dataset writes):
 #   images/training/*.jpg       annotations/training/*.png      (same stem, same size)
 #   images/validation/*.jpg     annotations/validation/*.png
 #   objectInfo150.txt           optional: class names (Idx, Ratio, Train, Val, Name; tab-separated)

@@ -1,7 +1,7 @@
 # COCO-format detection: dataset, pipelines, dataloaders, COCO bbox evaluator, the DETR / DINO optimizer and a
 # 12-epoch schedule, runtime. Model configs take this as their only `_base_`.
 #
-# Layout under data_root (what densevision.datasets.make_coco_dataset writes):
+# Layout under data_root (what densevision.synthetic.datasets.make_coco_dataset writes):
 #   images/<file_name>                      every image named in the annotation files
 #   annotations/instances_train.json        COCO instances (bbox, area, iscrowd, polygon or RLE segmentation)
 #   annotations/instances_val.json

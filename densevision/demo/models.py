@@ -21,16 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from densevision.demo.datasets import CropDataset, write_ade_crops, write_coco_crops
-from densevision.demo.scenes import GENERATOR_VERSION, SceneSpec, build, class_names
+from densevision.configs import find_config
 from densevision.errors import OutputError
+from densevision.io.atomic import replacing
+from densevision.synthetic.crop_datasets import CropDataset, write_ade_crops, write_coco_crops
+from densevision.synthetic.scenes import GENERATOR_VERSION, SceneSpec, Sources, build, class_names
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs" / "demo"
 Task = Literal["segmentation", "detection"]
-CONFIG: dict[Task, Path] = {
-    "segmentation": CONFIGS / "upernet_swin-tiny_demo-256.py",
-    "detection": CONFIGS / "dino_swin-tiny_demo-256.py",
+# Shipped config names (densevision.configs).
+CONFIG: dict[Task, str] = {
+    "segmentation": "demo/upernet_swin-tiny_demo-256",
+    "detection": "demo/dino_swin-tiny_demo-256",
 }
 
 
@@ -49,7 +50,7 @@ class TrainSpec:
 
     @property
     def config(self) -> Path:
-        return CONFIG[self.task]
+        return find_config(CONFIG[self.task])
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,9 @@ def cache_key(spec: TrainSpec) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _write_dataset(spec: TrainSpec, root: Path, data: Path) -> CropDataset:
+def _write_dataset(spec: TrainSpec, root: Path, sources: Sources) -> CropDataset:
     image = root / ("train.tiff" if spec.scene.kind == "slide" else "train.tif")
-    objects = build(spec.scene, image, data)
+    objects = build(spec.scene, image, sources)
     classes, out = class_names(spec.scene.kind), root / "data"
     if spec.task == "segmentation":
         dataset = write_ade_crops(
@@ -110,13 +111,14 @@ def _save_slim(checkpoint: Path, out: Path) -> None:
 
 def obtain_model(
     spec: TrainSpec,
-    data: Path,
+    sources: Sources,
     cache_dir: Path,
     *,
     retrain: bool = False,
     log: Callable[[str], None] = print,
 ) -> TrainedModel:
-    """The model of ``spec`` from the cache, or trained now (and cached) on crops of a generated image.
+    """The model of ``spec`` from the cache, or trained now (and cached) on crops of an image generated from the
+    real ``sources``.
 
     Raises:
         OutputError: the cache folder cannot be written.
@@ -136,7 +138,7 @@ def obtain_model(
     log(f"{spec.task}: training {spec.config.name} for {spec.iters} iterations on generated crops ...")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f".{spec.task}-", dir=cache_dir) as tmp:
-        dataset = _write_dataset(spec, Path(tmp), data)
+        dataset = _write_dataset(spec, Path(tmp), sources)
         data_seconds = time.perf_counter() - started
         result = train(
             spec.config,
@@ -147,29 +149,26 @@ def obtain_model(
             batch_size=spec.batch_size,
             seed=spec.seed,
         )
-        partial = entry.with_name(entry.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        shutil.copyfile(result["config"], partial / "config.py")
-        _save_slim(Path(result["checkpoint"]), partial / "model.pth")
-        losses = result["losses"]
-        record = {
-            "task": spec.task,
-            "config": str(spec.config),
-            "spec": dataclasses.asdict(spec),
-            "generator_version": GENERATOR_VERSION,
-            "classes": result["classes"],
-            "images": dataset.images,
-            "objects": dataset.objects,
-            "iterations": result["iterations"],
-            "loss_first": losses[0] if losses else None,
-            "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-            "val_metrics": result["metrics"],
-            "seconds_data": data_seconds,
-            "seconds_total": time.perf_counter() - started,
-        }
-        (partial / "model.json").write_text(json.dumps(record, indent=2, default=str))
-        shutil.rmtree(entry, ignore_errors=True)
-        os.replace(partial, entry)
+        with replacing(entry) as partial:  # a folder: config, weights and record appear together
+            partial.mkdir()
+            shutil.copyfile(result["config"], partial / "config.py")
+            _save_slim(Path(result["checkpoint"]), partial / "model.pth")
+            losses = result["losses"]
+            record = {
+                "task": spec.task,
+                "config": str(spec.config),
+                "spec": dataclasses.asdict(spec),
+                "generator_version": GENERATOR_VERSION,
+                "classes": result["classes"],
+                "images": dataset.images,
+                "objects": dataset.objects,
+                "iterations": result["iterations"],
+                "loss_first": losses[0] if losses else None,
+                "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+                "val_metrics": result["metrics"],
+                "seconds_data": data_seconds,
+                "seconds_total": time.perf_counter() - started,
+            }
+            (partial / "model.json").write_text(json.dumps(record, indent=2, default=str))
     log(f"{spec.task}: trained in {record['seconds_total']:.0f} s, cached in {entry}")
     return TrainedModel(entry / "config.py", entry / "model.pth", False, record)

@@ -3,7 +3,8 @@
 1. Small default models: the configs in ``configs/demo/`` trained on crops of generated images (or taken from the
    cache, see :mod:`densevision.demo.models`).
 2. A large pyramidal slide built from real H&E tissue and a large GeoTIFF built from a real Landsat scene, both with
-   objects planted at known places (:mod:`densevision.demo.scenes`).
+   objects planted at known places (:mod:`densevision.synthetic.scenes`), from the samples the package ships
+   (:mod:`densevision.samples`) or from ``--data DIR``.
 3. The slide segmented and the scene's objects detected, tile by tile, by the library's own
    :func:`~densevision.apis.segment.segment_image` / :func:`~densevision.apis.detect.detect_objects` (and, with a
    SAM checkpoint, :func:`~densevision.apis.detect.segment_instances`).
@@ -20,15 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from densevision.apis._run import versions, write_json
+from densevision.apis.job import versions
 from densevision.demo.models import TrainedModel, TrainSpec, default_cache_dir, obtain_model
-from densevision.demo.scenes import SceneSpec, build, check_data, write_truth
 from densevision.demo.score import detection_scores, segmentation_scores
 from densevision.errors import ConfigError, OutputError
+from densevision.io.atomic import write_json
+from densevision.synthetic.scenes import SceneSpec, build, find_sources, write_truth
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
-DEFAULT_OUT = REPO / "outputs" / "demo"
+DEFAULT_OUT = Path("outputs") / "demo"  # relative to the current folder
 Size = Literal["tiny", "small", "full"]
 
 # Object sides in pixels and objects per megapixel. Slide objects are large enough to survive the tissue mask's
@@ -121,9 +121,9 @@ def run_demo(
     """Run the demo (see the module doc) and return its summary, also written to ``<out>/demo_summary.json``.
 
     Args:
-        data: the sample-data folder (``wsi/CMU-1-Small-Region.svs``, ``geotiff/RGB.byte.tif``); default
-            ``../shared/data`` beside the repository.
-        out: output folder (default ``outputs/demo`` in the repository).
+        data: a sample-data folder holding ``wsi/CMU-1-Small-Region.svs`` and ``geotiff/RGB.byte.tif``; default:
+            the copies shipped with the package (:mod:`densevision.samples`).
+        out: output folder (default ``outputs/demo`` in the current folder).
         size: ``small`` (8192^2 slide, 4096^2 scene; the default), ``full`` (16384^2, 8192^2) or ``tiny`` (tests).
         cache_dir: trained-model cache (default ``${XDG_CACHE_HOME:-~/.cache}/densevision/demo``).
         retrain: train even when the cache has the models.
@@ -136,11 +136,11 @@ def run_demo(
     if size not in PRESETS:
         raise ConfigError(f"demo size must be one of {', '.join(PRESETS)}, got {size!r}")
     preset = PRESETS[size]
-    root = check_data(data if data is not None else DEFAULT_DATA)
+    sources = find_sources(data)
     from densevision.apis.detect import detect_objects, segment_instances
     from densevision.apis.segment import segment_image
 
-    out_dir = Path(out) if out is not None else DEFAULT_OUT
+    out_dir = Path(out) if out is not None else Path.cwd() / DEFAULT_OUT
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -152,21 +152,21 @@ def run_demo(
         timings[name] = round(time.perf_counter() - t0, 2)
 
     t = time.perf_counter()
-    seg_model = obtain_model(preset.segmentation, root, cache, retrain=retrain, log=log)
+    seg_model = obtain_model(preset.segmentation, sources, cache, retrain=retrain, log=log)
     timed("segmentation_model", t)
     t = time.perf_counter()
-    det_model = obtain_model(preset.detection, root, cache, retrain=retrain, log=log)
+    det_model = obtain_model(preset.detection, sources, cache, retrain=retrain, log=log)
     timed("detection_model", t)
 
     slide, scene = out_dir / "slide.tiff", out_dir / "scene.tif"
     t = time.perf_counter()
-    log(f"building the {preset.slide.width} x {preset.slide.height} slide from {root / 'wsi'} ...")
-    slide_objects = build(preset.slide, slide, root)
+    log(f"building the {preset.slide.width} x {preset.slide.height} slide from {sources.slide} ...")
+    slide_objects = build(preset.slide, slide, sources)
     write_truth(out_dir / "slide.truth.json", preset.slide, slide_objects)
     timed("build_slide", t)
     t = time.perf_counter()
-    log(f"building the {preset.scene.width} x {preset.scene.height} GeoTIFF from {root / 'geotiff'} ...")
-    scene_objects = build(preset.scene, scene, root)
+    log(f"building the {preset.scene.width} x {preset.scene.height} GeoTIFF from {sources.geotiff} ...")
+    scene_objects = build(preset.scene, scene, sources)
     write_truth(out_dir / "scene.truth.json", preset.scene, scene_objects)
     timed("build_scene", t)
 
@@ -205,7 +205,7 @@ def run_demo(
 
     summary: dict[str, Any] = {
         "size": size,
-        "data": str(root),
+        "data": {"slide": str(sources.slide), "geotiff": str(sources.geotiff)},
         "segmentation": {
             "input": str(slide),
             "truth": str(out_dir / "slide.truth.json"),

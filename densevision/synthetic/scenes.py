@@ -1,5 +1,6 @@
-"""The demo's images: a big synthetic slide and a big synthetic GeoTIFF built from the real sample files, with
-objects planted at known places, so that what the models find can be scored against the truth.
+"""The demo's images: a big generated slide and a big generated GeoTIFF built from the real sample files (those
+shipped in :mod:`densevision.samples`, or a data folder laid out as ``../shared/data``), with objects planted at
+known places, so that what the models find can be scored against the truth.
 
 The class of an object decides both its shape and its colour (jittered per object); the demo's training images
 come from the same generator with other seeds (:mod:`densevision.demo.models`), so the models are trained on the
@@ -9,6 +10,7 @@ distribution they are tested on.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,15 +19,19 @@ from typing import Any, Literal
 
 import numpy as np
 
-from densevision.apis._run import write_json
 from densevision.errors import ConfigError, ImageNotFoundError
-from densevision.io.synthetic import Planted, Shape, make_geotiff, make_slide, scatter_objects
+from densevision.io.atomic import write_json
+from densevision.samples import GEOTIFF, SLIDE, sample_path
+from densevision.synthetic.planted import Planted, Shape, scatter_objects
+from densevision.synthetic.rasters import make_geotiff
+from densevision.synthetic.slides import make_slide
 
 # Bump when anything here changes the pixels or the objects generated: it is part of the model cache key.
 GENERATOR_VERSION = 1
 
-SLIDE_SOURCE = Path("wsi") / "CMU-1-Small-Region.svs"
-GEOTIFF_SOURCE = Path("geotiff") / "RGB.byte.tif"
+# Where a data folder (``--data DIR``, laid out as ``../shared/data``) holds the two real source images.
+SLIDE_SOURCE = Path("wsi") / SLIDE
+GEOTIFF_SOURCE = Path("geotiff") / GEOTIFF
 Kind = Literal["slide", "geotiff"]
 
 
@@ -69,16 +75,32 @@ def class_names(kind: Kind) -> tuple[str, ...]:
     return tuple(c.name for c in CLASSES[kind])
 
 
-def check_data(data: str | os.PathLike[str]) -> Path:
-    """The sample-data folder, checked: both real source images must be there."""
+@dataclass(frozen=True)
+class Sources:
+    """The two real images the scenes are built from."""
+
+    slide: Path
+    geotiff: Path
+
+
+def find_sources(data: str | os.PathLike[str] | None = None) -> Sources:
+    """The real source images: the samples shipped with the package, or those of a data folder ``data``
+    (``wsi/CMU-1-Small-Region.svs``, ``geotiff/RGB.byte.tif``), checked.
+
+    Raises:
+        ImageNotFoundError: a source image is missing.
+    """
+    if data is None:
+        return Sources(sample_path(SLIDE), sample_path(GEOTIFF))
     root = Path(data)
     missing = [str(root / p) for p in (SLIDE_SOURCE, GEOTIFF_SOURCE) if not (root / p).is_file()]
     if missing:
         raise ImageNotFoundError(
             f"{root}: sample data not found (missing {', '.join(missing)}); pass --data DIR (make demo DATA=DIR) "
-            "pointing at the shared data folder"
+            "holding wsi/CMU-1-Small-Region.svs and geotiff/RGB.byte.tif, or leave --data out to use the shipped "
+            "samples"
         )
-    return root
+    return Sources(root / SLIDE_SOURCE, root / GEOTIFF_SOURCE)
 
 
 def plant(spec: SceneSpec) -> list[Planted]:
@@ -107,14 +129,13 @@ def plant(spec: SceneSpec) -> list[Planted]:
     return out
 
 
-def build(spec: SceneSpec, path: Path, data: Path) -> list[Planted]:
-    """Write the image of ``spec`` to ``path`` from the real sample files under ``data``; returns its objects
-    with exact boxes."""
+def build(spec: SceneSpec, path: Path, sources: Sources) -> list[Planted]:
+    """Write the image of ``spec`` to ``path`` from the real ``sources``; returns its objects with exact boxes."""
     objects = plant(spec)
     if spec.kind == "slide":
-        return make_slide(path, spec.width, spec.height, source=data / SLIDE_SOURCE, seed=spec.seed, plant=objects)
+        return make_slide(path, spec.width, spec.height, source=sources.slide, seed=spec.seed, plant=objects)
     return make_geotiff(
-        path, spec.width, spec.height, source=data / GEOTIFF_SOURCE, seed=spec.seed, collar=spec.collar, plant=objects
+        path, spec.width, spec.height, source=sources.geotiff, seed=spec.seed, collar=spec.collar, plant=objects
     )
 
 
@@ -127,3 +148,8 @@ def write_truth(path: Path, spec: SceneSpec, objects: Sequence[Planted]) -> None
         "objects": [o.as_dict() for o in objects],
     }
     write_json(path, record)
+
+
+def read_truth(path: str | os.PathLike[str]) -> list[Planted]:
+    """The planted objects of a truth file written by :func:`write_truth`."""
+    return [Planted.from_dict(d) for d in json.loads(Path(path).read_text())["objects"]]

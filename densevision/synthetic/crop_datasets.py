@@ -18,10 +18,10 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from densevision.datasets.synthetic import ADE_SPLITS, compressed_rle, write_object_info
 from densevision.errors import ConfigError
 from densevision.io import open_image
-from densevision.io.synthetic import Planted
+from densevision.synthetic.datasets import ADE_SPLITS, compressed_rle, write_object_info
+from densevision.synthetic.planted import Planted
 
 BACKGROUND = "background"
 # A label value ADE's reduce-zero-label convention ignores: pixels JPEG blurs at object edges, and nodata.

@@ -1,4 +1,5 @@
-"""A detector whose right answer is known: connected blobs of given colours, one class per colour."""
+"""Models whose right answer is known, for tests and benchmarks: a detector of connected blobs of given colours (one
+class per colour) and a box-prompted mask model that returns the pixels of those colours inside each box."""
 
 from __future__ import annotations
 

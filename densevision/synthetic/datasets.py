@@ -1,7 +1,9 @@
 """Tiny datasets of planted objects in real formats, for tests, demos and learning benchmarks.
 
-Each image is a smooth random texture with a few coloured objects (discs, squares, triangles by default) planted
-apart from each other; each class has its own hue (jittered), so a model can learn it in a few hundred iterations.
+Each image is a smooth random texture with a few coloured objects (classes ``disc``, ``square``, ``triangle`` by
+default) planted apart from each other; each class has its own hue (jittered), so a model can learn it in a few
+hundred iterations. Every object is returned as a :class:`~densevision.synthetic.planted.Planted` (a disc is an
+``ellipse``, a square or triangle a ``polygon``; ``label`` is the class, ``file_name`` / ``image_id`` the image).
 
 - :func:`make_coco_dataset`: COCO instances JSON (``annotations/instances_{train,val}.json``, images under
   ``images/``). Squares and triangles carry polygon ``segmentation``, discs compressed RLE; some images hold a
@@ -14,16 +16,18 @@ apart from each other; each class has its own hue (jittered), so a model can lea
 
 Pixel ``(x, y)`` belongs to a disc when its centre ``(x + 0.5, y + 0.5)`` lies inside it; squares and triangles are
 the pixels that COCO's polygon rasteriser (pycocotools) fills for their vertices, so what is annotated is exactly
-what is painted. Everything depends only on ``seed``: the same call writes the same files.
+what is painted (:mod:`densevision.synthetic.planted`). Everything depends only on ``seed``: the same call writes
+the same files.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -31,39 +35,28 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 
 from densevision.errors import ConfigError, OutputError
+from densevision.synthetic.planted import Planted, box_around, tighten
 
-Shape = Literal["disc", "square", "triangle"]
-SHAPES: tuple[Shape, ...] = ("disc", "square", "triangle")
+# The classes a dataset can hold, each drawn as one planted shape.
+CLASSES = ("disc", "square", "triangle")
 # One hue per class (RGB), jittered per object.
 _COLORS = ((220, 40, 40), (40, 190, 60), (50, 70, 230), (230, 200, 20), (200, 40, 220), (30, 200, 210))
 
 
 @dataclass(frozen=True)
-class PlantedObject:
-    """One object drawn into a generated image. ``mask`` is ``H x W`` bool: exactly the pixels painted."""
-
-    image_id: int
-    file_name: str
-    category: str
-    shape: Shape
-    mask: np.ndarray = field(repr=False)
-    iscrowd: bool = False
-
-    @property
-    def box(self) -> tuple[int, int, int, int]:
-        """Tight half-open box ``(x0, y0, x1, y1)`` of the painted pixels."""
-        ys, xs = np.nonzero(self.mask)
-        return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-
-
-@dataclass(frozen=True)
 class SyntheticDataset:
-    """What a generator wrote: the root, the class names (in label order) and every planted object per split."""
+    """What a generator wrote: the root, the class names (in label order), every planted object per split (its
+    ``label`` the class, its ``file_name`` the image) and the image size ``(W, H)``."""
 
     root: Path
     classes: tuple[str, ...]
-    objects: dict[str, list[PlantedObject]]
+    objects: dict[str, list[Planted]]
     files: dict[str, Path]  # split -> annotation file (COCO) or annotation folder (ADE)
+    image_size: tuple[int, int]
+
+    def mask(self, obj: Planted) -> np.ndarray:
+        """``H x W`` bool: the pixels of ``obj`` in its image."""
+        return obj.mask(0, 0, *self.image_size)
 
 
 def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -75,24 +68,19 @@ def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(base + smooth + grain, 0, 255).astype(np.uint8)
 
 
-def _disc_mask(cx: float, cy: float, r: float, h: int, w: int) -> np.ndarray:
-    """``h x w`` bool: pixels whose centres lie within ``r`` of ``(cx, cy)``."""
-    ys, xs = np.mgrid[0:h, 0:w] + 0.5
-    return (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
+def _disc(cx: float, cy: float, r: float) -> Planted:
+    """The disc of radius ``r`` around ``(cx, cy)``: pixels whose centres lie within it."""
+    box = (math.floor(cx - r), math.floor(cy - r), math.ceil(cx + r) + 1, math.ceil(cy + r) + 1)
+    return Planted(*box, shape="ellipse", label="disc", ellipse=(cx, cy, r, r))
 
 
-def _polygon(shape: Shape, cx: float, cy: float, r: float) -> list[float]:
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[float]:
     """COCO polygon ``[x1, y1, x2, y2, ...]``: the square of half side ``r`` centred at ``(cx, cy)`` (integer
     corners), or the upward triangle inscribed in it."""
     x0, y0, x1, y1 = round(cx - r), round(cy - r), round(cx + r), round(cy + r)
     if shape == "square":
         return [x0, y0, x1, y0, x1, y1, x0, y1]
     return [(x0 + x1) / 2, y0, x1, y1, x0, y1]
-
-
-def _polygon_mask(polygon: list[float], h: int, w: int) -> np.ndarray:
-    """The pixels COCO's rasteriser (pycocotools, as mmdet and COCO evaluation use it) fills for ``polygon``."""
-    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([polygon], h, w))).astype(bool)
 
 
 def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
@@ -125,14 +113,24 @@ def _color(rng: np.random.Generator, k: int, jitter: float) -> np.ndarray:
 @dataclass
 class _Scene:
     pixels: np.ndarray  # h x w x 3 uint8
-    objects: list[tuple[Shape, list[float] | None, np.ndarray]]  # shape, polygon (None: disc), mask
-    crowd: np.ndarray | None  # union mask of a crowd of small discs
+    objects: list[tuple[Planted, np.ndarray]]  # each object with its h x w mask; a crowd (iscrowd) last
+
+
+def _paint(pixels: np.ndarray, obj: Planted, color: np.ndarray) -> tuple[Planted, np.ndarray]:
+    """Paint ``obj`` in ``color`` (float, truncated to uint8 as the pixels store it); the object with its colour and
+    exact box, and its mask."""
+    h, w = pixels.shape[:2]
+    m = obj.mask(0, 0, w, h)
+    pixels[m] = color
+    painted = tighten(replace(obj, color=tuple(int(v) for v in color)), w, h)
+    assert painted is not None  # every object lies inside its image by construction
+    return painted, m
 
 
 def _scene(
     rng: np.random.Generator,
     size: tuple[int, int],
-    shapes: Sequence[Shape],
+    shapes: Sequence[str],
     per_image: tuple[int, int],
     crowd: bool,
     jitter: float,
@@ -150,20 +148,23 @@ def _scene(
         r = float(rng.uniform(0.28, 0.45) * min(cw, ch))
         cx = (c % grid + 0.5) * cw + float(rng.uniform(-0.05, 0.05)) * cw
         cy = (c // grid + 0.5) * ch + float(rng.uniform(-0.05, 0.05)) * ch
-        polygon = None if shapes[k] == "disc" else _polygon(shapes[k], cx, cy, r)
-        m = _disc_mask(cx, cy, r, h, w) if polygon is None else _polygon_mask(polygon, h, w)
-        pixels[m] = _color(rng, k, jitter)
-        objects.append((shapes[k], polygon, m))
-    crowd_mask = None
+        if shapes[k] == "disc":
+            obj = _disc(cx, cy, r)
+        else:
+            polygon = _polygon(shapes[k], cx, cy, r)
+            obj = Planted(*box_around(polygon), shape="polygon", label=shapes[k], polygon=tuple(polygon))
+        objects.append(_paint(pixels, obj, _color(rng, k, jitter)))
     if crowd and "disc" in shapes and n < grid * grid:
         c = int(cells[n])
         k = list(shapes).index("disc")
-        crowd_mask = np.zeros((h, w), dtype=bool)
         x0, y0 = (c % grid) * cw, (c // grid) * ch
-        for dx, dy in ((0.25, 0.25), (0.7, 0.3), (0.35, 0.72), (0.75, 0.75)):
-            crowd_mask |= _disc_mask(x0 + dx * cw, y0 + dy * ch, 0.12 * min(cw, ch), h, w)
-        pixels[crowd_mask] = _color(rng, k, jitter)
-    return _Scene(pixels, objects, crowd_mask)
+        parts = tuple(
+            _disc(x0 + dx * cw, y0 + dy * ch, 0.12 * min(cw, ch))
+            for dx, dy in ((0.25, 0.25), (0.7, 0.3), (0.35, 0.72), (0.75, 0.75))
+        )
+        group = Planted(0, 0, w, h, shape="ellipse", label="disc", parts=parts, iscrowd=True)
+        objects.append(_paint(pixels, group, _color(rng, k, jitter)))
+    return _Scene(pixels, objects)
 
 
 def _check_args(num: dict[str, int], size: tuple[int, int], shapes: Sequence[str], per_image: tuple[int, int]) -> None:
@@ -171,9 +172,9 @@ def _check_args(num: dict[str, int], size: tuple[int, int], shapes: Sequence[str
         raise ConfigError(f"image counts must be >= 0 and not all 0, got {num}")
     if min(size) < 48:
         raise ConfigError(f"image size {size} is too small for a 3 x 3 grid of objects; use at least 48 x 48 px")
-    unknown = [s for s in shapes if s not in SHAPES]
+    unknown = [s for s in shapes if s not in CLASSES]
     if unknown or not shapes:
-        raise ConfigError(f"shapes must be a non-empty subset of {SHAPES}, got {tuple(shapes)}")
+        raise ConfigError(f"shapes must be a non-empty subset of {CLASSES}, got {tuple(shapes)}")
     if not 0 <= per_image[0] <= per_image[1] <= 8:
         raise ConfigError(f"objects per image must be 0 <= min <= max <= 8, got {per_image}")
 
@@ -197,7 +198,7 @@ def make_coco_dataset(
     num_train: int = 16,
     num_val: int = 8,
     image_size: int | tuple[int, int] = 128,
-    shapes: Sequence[Shape] = SHAPES,
+    shapes: Sequence[str] = CLASSES,
     objects_per_image: tuple[int, int] = (1, 4),
     crowd_every: int = 4,
     color_jitter: float = 25.0,
@@ -225,13 +226,13 @@ def make_coco_dataset(
     rng = np.random.default_rng(seed)
     categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(shapes)]
     w, h = size
-    planted: dict[str, list[PlantedObject]] = {}
+    planted: dict[str, list[Planted]] = {}
     files: dict[str, Path] = {}
     ann_id = 1
     for split, n in counts.items():
         images: list[dict[str, Any]] = []
         annotations: list[dict[str, Any]] = []
-        objects: list[PlantedObject] = []
+        objects: list[Planted] = []
         for i in range(n):
             image_id = len(images) + 1
             name = f"{split}_{i:06d}.jpg"
@@ -239,25 +240,24 @@ def make_coco_dataset(
             scene = _scene(rng, size, shapes, objects_per_image, crowd, color_jitter)
             Image.fromarray(scene.pixels).save(root / "images" / name, quality=95)
             images.append({"id": image_id, "file_name": name, "width": w, "height": h})
-            entries: list[tuple[Shape, Any, np.ndarray, bool]] = []
-            for shape, polygon, m in scene.objects:
-                entries.append((shape, compressed_rle(m) if polygon is None else [polygon], m, False))
-            if scene.crowd is not None:
-                entries.append(("disc", _uncompressed_rle(scene.crowd), scene.crowd, True))
-            for shape, seg, m, iscrowd in entries:
+            for obj, m in scene.objects:
+                if obj.iscrowd:
+                    seg: Any = _uncompressed_rle(m)
+                else:
+                    seg = [list(obj.polygon)] if obj.polygon is not None else compressed_rle(m)
                 rle = _as_rle(seg, h, w)
                 annotations.append(
                     {
                         "id": ann_id,
                         "image_id": image_id,
-                        "category_id": list(shapes).index(shape) + 1,
+                        "category_id": list(shapes).index(obj.label) + 1,
                         "segmentation": seg,
                         "area": float(mask_utils.area(rle)),
                         "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                        "iscrowd": int(iscrowd),
+                        "iscrowd": int(obj.iscrowd),
                     }
                 )
-                objects.append(PlantedObject(image_id, name, shape, shape, m, iscrowd))
+                objects.append(replace(obj, file_name=name, image_id=image_id))
                 ann_id += 1
         coco = {
             "info": {"description": f"densevision planted objects ({split}), seed {seed}", "version": "1.0"},
@@ -269,7 +269,7 @@ def make_coco_dataset(
         path = root / "annotations" / f"instances_{split}.json"
         path.write_text(json.dumps(coco))
         planted[split], files[split] = objects, path
-    return SyntheticDataset(root, tuple(shapes), planted, files)
+    return SyntheticDataset(root, tuple(shapes), planted, files, size)
 
 
 ADE_SPLITS = {"train": "training", "val": "validation"}
@@ -281,7 +281,7 @@ def make_ade_dataset(
     num_train: int = 16,
     num_val: int = 8,
     image_size: int | tuple[int, int] = 128,
-    shapes: Sequence[Shape] = SHAPES,
+    shapes: Sequence[str] = CLASSES,
     background: str | None = "background",
     objects_per_image: tuple[int, int] = (1, 4),
     color_jitter: float = 25.0,
@@ -314,7 +314,7 @@ def make_ade_dataset(
     first_shape = 2 if background else 1
     pixel_count = np.zeros(len(classes) + 1, dtype=np.int64)
     image_count = {split: np.zeros(len(classes) + 1, dtype=np.int64) for split in counts}
-    planted: dict[str, list[PlantedObject]] = {}
+    planted: dict[str, list[Planted]] = {}
     files: dict[str, Path] = {}
     for split, n in counts.items():
         img_dir = root / "images" / ADE_SPLITS[split]
@@ -326,11 +326,11 @@ def make_ade_dataset(
             stem = f"ADE_{split}_{i + 1:08d}"
             scene = _scene(rng, size, shapes, objects_per_image, False, color_jitter)
             label = np.full(scene.pixels.shape[:2], 1 if background else 0, dtype=np.uint8)
-            for *_, m in scene.objects if ignore_edges else ():
+            for _, m in scene.objects if ignore_edges else ():
                 label[ndimage.binary_dilation(m) & ~m] = 0
-            for shape, _, m in scene.objects:  # objects after rings: a ring never eats an object
-                label[m] = first_shape + list(shapes).index(shape)
-                objects.append(PlantedObject(i + 1, f"{stem}.jpg", shape, shape, m))
+            for obj, m in scene.objects:  # objects after rings: a ring never eats an object
+                label[m] = first_shape + list(shapes).index(obj.label)
+                objects.append(replace(obj, file_name=f"{stem}.jpg", image_id=i + 1))
             Image.fromarray(scene.pixels).save(img_dir / f"{stem}.jpg", quality=95)
             Image.fromarray(label).save(ann_dir / f"{stem}.png")
             values = np.bincount(label.ravel(), minlength=len(classes) + 1)
@@ -338,7 +338,7 @@ def make_ade_dataset(
             image_count[split] += values > 0
         planted[split], files[split] = objects, ann_dir
     write_object_info(root, classes, pixel_count, image_count)
-    return SyntheticDataset(root, classes, planted, files)
+    return SyntheticDataset(root, classes, planted, files, size)
 
 
 def write_object_info(
