@@ -8,13 +8,13 @@ import time
 
 import numpy as np
 import pytest
+from merge_reference import pairwise, reference
 
 from densevision.errors import ConfigError, InvalidRegionError
 from densevision.stitch.detection import (
     DetectionMerger,
     Detections,
     intersecting_pairs,
-    match_values,
     merge_detections,
 )
 from densevision.tiling.grid import TileGrid
@@ -94,68 +94,40 @@ def run(grid, truth, labels, seed=0, order_seed=None, sink=None, **options):
 
 def assign(result: Detections, truth: np.ndarray):
     """For each planted box, the results matching it with IoU > 0.5."""
-    ious = [match_values(np.repeat(t[None], len(result), 0), result.boxes, "iou") for t in truth]
-    return [np.flatnonzero(v > 0.5) for v in ious]
+    return [np.flatnonzero(v > 0.5) for v in pairwise(truth, result.boxes, "iou")]
 
 
 # ---- a brute-force whole-image reference: SAHI's loops on a dense match matrix ------------------------------
 
 
-def reference(grid, items, method, match, threshold=0.5, agnostic=False, margin=2.0, weight=0.5):
-    tiles = [(t, b, s, lab, ids) for t, b, s, lab, ids in items if len(b)]
-    boxes = np.concatenate([b for _, b, _, _, _ in tiles])
-    scores = np.concatenate([s for _, _, s, _, _ in tiles])
-    labels = np.concatenate([lab for _, _, _, lab, _ in tiles])
-    ids = np.concatenate([i for *_, i in tiles])
-    tile_idx = np.concatenate([np.full(len(b), t.index) for t, b, *_ in tiles])
-    local = np.concatenate([np.arange(len(b)) for _, b, *_ in tiles])
-    edge = np.zeros(len(boxes), bool)
-    for t, b, *_ in tiles:
-        w = window(grid, t)
-        inner = [t.x > 0, t.y > 0, w[2] < grid.width, w[3] < grid.height]
-        near = [b[:, 0] <= w[0] + margin, b[:, 1] <= w[1] + margin, b[:, 2] >= w[2] - margin, b[:, 3] >= w[3] - margin]
-        edge[tile_idx == t.index] = np.any([n & i for n, i in zip(near, inner, strict=True)], axis=0)
-    rank = np.where(edge, scores * weight, scores)
-    order = np.lexsort((local, tile_idx, -rank))
-    n = len(boxes)
-    ii, jj = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    m = (match_values(boxes[ii.ravel()], boxes[jj.ravel()], match) > threshold).reshape(n, n)
-    if not agnostic:
-        m &= labels[:, None] == labels[None, :]
-    np.fill_diagonal(m, False)
-    groups: dict[int, list[int]] = {}
-    if method == "nmm":  # SAHI's nmm(): keep_to_merge_list / merge_to_keep
-        merge_to_keep: dict[int, int] = {}
-        for p in order:
-            matched = [q for q in order[::-1] if m[p, q]]
-            if p not in merge_to_keep:
-                groups[p] = []
-                for q in matched:
-                    if q not in merge_to_keep:
-                        groups[p].append(q)
-                        merge_to_keep[q] = p
-            else:
-                keep = merge_to_keep[p]
-                for q in matched:
-                    if q not in groups and q not in merge_to_keep:
-                        groups[keep].append(q)
-                        merge_to_keep[q] = keep
-    else:  # SAHI's greedy_nmm() grouping, which is also NMS's
-        left = list(order)
-        while left:
-            p = left.pop(0)
-            groups[p] = [q for q in left if m[p, q]]
-            left = [q for q in left if not m[p, q]]
-    out = {}
-    for p, members in groups.items():
-        g = [p, *members]
-        if method == "nms":
-            box, score = boxes[p], scores[p]
-        else:
-            box = np.concatenate([boxes[g, :2].min(0), boxes[g, 2:].max(0)])
-            score = scores[g].max()
-        out[frozenset(ids[g].tolist())] = (box, score, labels[p], ids[p])
-    return out
+# ``reference`` (tests/merge_reference.py): every tile's detections at once, all-pairs IoU / IoS computed there
+# (not with densevision's match_values), SAHI's nmm() / greedy_nmm() loops.
+
+
+def test_the_references_match_values_are_torchvisions_iou_and_hand_computed_ios():
+    from torchvision.ops import box_iou
+
+    rng = np.random.default_rng(11)
+    xy = rng.uniform(0, 100, (40, 2))
+    a = np.concatenate([xy, xy + rng.uniform(0, 30, (40, 2))], axis=1)
+    a[0] = [10, 10, 10, 40]  # zero width
+    xy = rng.uniform(0, 100, (30, 2))
+    b = np.concatenate([xy, xy + rng.uniform(1, 30, (30, 2))], axis=1)
+    expected = box_iou(torch_boxes(a), torch_boxes(b)).numpy()
+    np.testing.assert_allclose(pairwise(a, b, "iou"), expected, rtol=1e-12, atol=1e-12)
+    # by hand: 10 x 10 inside 20 x 20 (ios 1, iou 1/4); two 10 x 20 sharing 5 x 20 (ios 100 / 200, iou 100 / 300)
+    boxes = [[0.0, 0, 20, 20], [5, 5, 15, 15], [30, 0, 40, 20], [35, 0, 45, 20], [50, 0, 60, 10]]
+    ios, iou = pairwise(boxes, boxes, "ios"), pairwise(boxes, boxes, "iou")
+    assert (ios[0, 1], iou[0, 1], ios[2, 3], iou[2, 3]) == (1.0, 0.25, 0.5, pytest.approx(1 / 3))
+    assert ios[0, 4] == iou[1, 2] == 0.0  # disjoint
+    edge = pairwise([[0.0, 0, 10, 10]], [[10.0, 0, 20, 10]], "ios")
+    assert edge[0, 0] == 0.0  # touching sides: no area in common
+
+
+def torch_boxes(a: np.ndarray):
+    import torch
+
+    return torch.as_tensor(a, dtype=torch.float64)
 
 
 def as_dict(result: Detections):
@@ -469,9 +441,7 @@ def test_hashed_pair_search_equals_brute_force():
     b = np.concatenate([xy, xy + rng.exponential(10, (300, 2))], axis=1)
     a[:3] = [[0, 0, 500, 500], [10, 10, 10, 300], [250, 250, 250.5, 250.5]]  # huge, zero width, tiny
     i, j = intersecting_pairs(a, b)  # 400 x 300 > the brute-force limit: hashed
-    ii, jj = np.meshgrid(np.arange(400), np.arange(300), indexing="ij")
-    m = match_values(a[ii.ravel()], b[jj.ravel()], "iou") > 0
-    expected = set(zip(ii.ravel()[m].tolist(), jj.ravel()[m].tolist(), strict=True))
+    expected = set(zip(*(k.tolist() for k in np.nonzero(pairwise(a, b, "iou") > 0)), strict=True))
     got = list(zip(i.tolist(), j.tolist(), strict=True))
     assert len(got) == len(set(got)) and set(got) == expected and len(expected) > 500
 
