@@ -1,14 +1,18 @@
 """Training and evaluation on generated COCO / ADE20k data through densevision.apis.train and tools/*.py:
-the loss falls, test() reports COCO mAP / mIoU, checkpoints load in mmdet's init_detector and in MMSegPredictor,
---resume continues where the last checkpoint stopped, bad data stops the run before anything is built, and
-torchrun trains on two CPU processes.
+the loss falls, test() reports the COCO mAP that pycocotools computes and the mIoU that counting pixels gives
+(100 where the labels are the model's predictions, 0 where every label is another class), checkpoints load in
+mmdet's init_detector and in MMSegPredictor, --resume continues where the last checkpoint stopped, bad data stops
+the run before anything is built, the schedule compresses to hand-computed iterations, and torchrun trains on two
+CPU processes.
 
 The models are the repository's configs with small widths and depths (tiny configs below, one `_base_` each), on
 96 x 96 px images, so that a run takes seconds."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -23,8 +27,8 @@ from PIL import Image
 
 from densevision.apis.train import test as evaluate
 from densevision.apis.train import train
-from densevision.datasets import make_ade_dataset, make_coco_dataset
 from densevision.errors import CheckpointError, ConfigError, DatasetError
+from densevision.synthetic.datasets import make_ade_dataset, make_coco_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 96
@@ -131,11 +135,65 @@ def upernet_run(ade, configs, tmp_path_factory):
     return train(configs["upernet"], work_dir=work, data_root=ade.root, max_iters=8, checkpoint_interval=4, **RUN)
 
 
+@pytest.fixture(scope="module")
+def dino_detections(dino_run, tmp_path_factory):
+    """test() of the DINO run's last checkpoint, with mmdet's CocoMetric keeping its COCO results JSON."""
+    d = tmp_path_factory.mktemp("dino_dets")
+    options = {"test_evaluator.outfile_prefix": str(d / "dets")}
+    metrics = evaluate(dino_run["config"], dino_run["checkpoint"], work_dir=d, cfg_options=options, num_workers=0)
+    return metrics, json.loads((d / "dets.bbox.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def upernet_predictions(upernet_run, tmp_path_factory):
+    """test() of the UperNet run's last checkpoint, with mmseg's IoUMetric writing each prediction as an ADE label
+    map (raw values: class k as k + 1) named as its image."""
+    d = tmp_path_factory.mktemp("upernet_pred")
+    options = {"test_evaluator.output_dir": str(d / "pred")}
+    metrics = evaluate(upernet_run["config"], upernet_run["checkpoint"], work_dir=d, cfg_options=options, num_workers=0)
+    return metrics, d / "pred"
+
+
+def _coco_reference(ann_file: Path, detections: list[dict]) -> dict[str, float]:
+    """bbox mAP, mAP@50, mAP@75 of COCO results by pycocotools directly."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann_file))
+        e = COCOeval(gt, gt.loadRes(detections), "bbox")
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    return {"coco/bbox_mAP": e.stats[0], "coco/bbox_mAP_50": e.stats[1], "coco/bbox_mAP_75": e.stats[2]}
+
+
+def _miou_reference(pred_dir: Path, label_dir: Path, k: int) -> dict[str, float]:
+    """mIoU, aAcc, mAcc (percent) by counting pixels of ADE label maps (raw 0 and 255 ignored, 1..k the classes)
+    over the whole split, as mmseg's IoUMetric defines them: a class with no label and no prediction is left out."""
+    inter, union, area = np.zeros(k), np.zeros(k), np.zeros(k)
+    for label_path in sorted(label_dir.glob("*.png")):
+        label = np.asarray(Image.open(label_path)).astype(int) - 1
+        pred = np.asarray(Image.open(pred_dir / label_path.name)).astype(int) - 1
+        valid = (label >= 0) & (label < k)
+        for c in range(k):
+            p, t = (pred == c) & valid, (label == c) & valid
+            inter[c] += (p & t).sum()
+            union[c] += (p | t).sum()
+            area[c] += t.sum()
+    with np.errstate(invalid="ignore"):
+        return {
+            "mIoU": 100 * np.nanmean(inter / union),
+            "aAcc": 100 * inter.sum() / area.sum(),
+            "mAcc": 100 * np.nanmean(inter / area),
+        }
+
+
 def _falls(losses: list[float], k: int = 3) -> bool:
     return bool(np.mean(losses[-k:]) < 0.9 * np.mean(losses[:k]))
 
 
-def test_detection_training(dino_run, coco):
+def test_detection_training(dino_run, dino_detections, coco):
     r = dino_run
     assert r["iterations"] == 12 and len(r["losses"]) == 12 and all(np.isfinite(r["losses"]))
     assert len(r["iteration_seconds"]) == 12 and all(s > 0 for s in r["iteration_seconds"])
@@ -143,7 +201,9 @@ def test_detection_training(dino_run, coco):
     assert r["classes"] == list(coco.classes) and r["class_source"] == "data"  # not COCO's 80
     assert r["images"] == {"train": 16, "val": 4}
     assert Path(r["checkpoint"]).name == "iter_12.pth"
-    assert 0 <= r["metrics"]["coco/bbox_mAP"] <= 1  # validation at the end of the run
+    # Validation at the end of the run scored the final model: pycocotools on that model's detections agrees.
+    reference = _coco_reference(coco.files["val"], dino_detections[1])
+    assert r["metrics"]["coco/bbox_mAP"] == pytest.approx(reference["coco/bbox_mAP"], abs=6e-4)
     saved = Path(r["config"]).read_text()  # the resolved config in the work dir
     assert "num_classes=3" in saved and str(coco.root) in saved and "'triangle'" in saved
 
@@ -165,44 +225,93 @@ def test_detection_checkpoint_loads_in_init_detector(dino_run, coco):
     assert len(result.pred_instances) == 30 and (result.pred_instances.labels < 3).all()
 
 
-def test_detection_test_reports_coco_map(dino_run, tmp_path):
+def test_detection_test_reports_coco_map(dino_run, dino_detections, coco, tmp_path):
+    """test()'s mAP is pycocotools' on the model's detections; with those detections as the ground truth
+    (a second data root) it is 1, as only an evaluation of this model against that root's annotations gives."""
     out = tmp_path / "metrics.json"
     metrics = evaluate(dino_run["config"], dino_run["checkpoint"], work_dir=tmp_path / "w", out=out, num_workers=0)
-    assert {"coco/bbox_mAP", "coco/bbox_mAP_50", "coco/bbox_mAP_75"} <= metrics.keys()
-    assert 0 <= metrics["coco/bbox_mAP"] <= metrics["coco/bbox_mAP_50"] <= 1
+    reference = _coco_reference(coco.files["val"], dino_detections[1])
+    for key, value in reference.items():
+        assert metrics[key] == pytest.approx(value, abs=6e-4), key  # mmdet rounds to 3 decimals
     assert metrics["coco/bbox_mAP"] == pytest.approx(dino_run["metrics"]["coco/bbox_mAP"])  # same model, same data
     record = json.loads(out.read_text())
     assert record["metrics"] == metrics and record["classes"] == ["disc", "square", "triangle"]
 
+    root = tmp_path / "answers"
+    shutil.copytree(coco.root, root)
+    ann = json.loads(coco.files["val"].read_text())
+    ann["annotations"] = [
+        {
+            "id": i,
+            "image_id": d["image_id"],
+            "category_id": d["category_id"],
+            "bbox": d["bbox"],
+            "iscrowd": 0,
+            "area": d["bbox"][2] * d["bbox"][3],
+        }
+        for i, d in enumerate(dino_detections[1], start=1)
+    ]
+    (root / coco.files["val"].relative_to(coco.root)).write_text(json.dumps(ann))
+    perfect = evaluate(dino_run["config"], dino_run["checkpoint"], data_root=root, work_dir=tmp_path / "w")
+    assert perfect["coco/bbox_mAP"] == 1.0 and perfect["coco/bbox_mAP_75"] == 1.0
 
-def test_segmentation_training(upernet_run, ade):
+
+def test_segmentation_training(upernet_run, upernet_predictions, ade):
     r = upernet_run
     assert r["iterations"] == 8 and len(r["losses"]) == 8 and _falls(r["losses"]), r["losses"]
     assert r["classes"] == list(ade.classes) and r["class_source"] == "data"  # from objectInfo4.txt
-    assert 0 <= r["metrics"]["mIoU"] <= 100
+    # Validation at the end of the run scored the final model: counting its predicted pixels gives the same mIoU.
+    reference = _miou_reference(upernet_predictions[1], ade.root / "annotations/validation", len(ade.classes))
+    assert r["metrics"]["mIoU"] == pytest.approx(reference["mIoU"], abs=0.006)  # mmseg rounds to 2 decimals
     work = Path(r["work_dir"])
     assert (work / "iter_4.pth").is_file() and Path(r["checkpoint"]) == work / "iter_8.pth"
     saved = Path(r["config"]).read_text()
     assert "type='BaseSegDataset'" in saved and "reduce_zero_label=True" in saved  # ADE's 150 names are not ours
 
 
-def test_segmentation_checkpoint_loads_in_the_predictor(upernet_run, ade):
+def test_segmentation_checkpoint_loads_in_the_predictor(upernet_run, upernet_predictions, ade):
+    """The predictor with the trained weights predicts what mmseg's own test loop predicted with them, pixel for
+    pixel, on every validation image."""
     from densevision.predictors.mmseg import MMSegPredictor
 
     predictor = MMSegPredictor.from_config(upernet_run["config"], upernet_run["checkpoint"])
     assert predictor.class_names == ade.classes and predictor.num_classes == 4
-    tile = torch.from_numpy(np.asarray(Image.open(ade.root / "images/validation/ADE_val_00000001.jpg")).copy())
-    logits = predictor(tile.permute(2, 0, 1)[None].float())
-    assert logits.shape == (1, 4, SIZE, SIZE) and torch.isfinite(logits).all()
+    for path in sorted((ade.root / "images/validation").glob("*.jpg")):
+        tile = torch.from_numpy(np.asarray(Image.open(path)).copy())
+        logits = predictor(tile.permute(2, 0, 1)[None].float())
+        assert logits.shape == (1, 4, SIZE, SIZE)
+        expected = np.asarray(Image.open(upernet_predictions[1] / f"{path.stem}.png")).astype(int) - 1
+        np.testing.assert_array_equal(logits[0].argmax(0).numpy(), expected, err_msg=path.name)
 
 
-def test_segmentation_test_reports_miou(upernet_run, ade, configs, tmp_path):
-    metrics = evaluate(upernet_run["config"], upernet_run["checkpoint"], work_dir=tmp_path, num_workers=0)
-    assert {"mIoU", "aAcc", "mAcc"} <= metrics.keys() and 0 <= metrics["mIoU"] <= 100
+def test_segmentation_test_reports_miou(upernet_run, upernet_predictions, ade, configs, tmp_path):
+    """test()'s mIoU, aAcc and mAcc are those of counting the pixels its predictions got right."""
+    metrics, predictions = upernet_predictions
+    labels = ade.root / "annotations/validation"
+    assert sorted(p.name for p in predictions.iterdir()) == sorted(p.name for p in labels.glob("*.png"))
+    reference = _miou_reference(predictions, labels, len(ade.classes))
+    for key, value in reference.items():
+        assert metrics[key] == pytest.approx(value, abs=0.006), key  # mmseg rounds to 2 decimals
     assert metrics["mIoU"] == pytest.approx(upernet_run["metrics"]["mIoU"])
     # The tiny config itself (not the saved one) with the data root: classes come from the checkpoint.
     again = evaluate(configs["upernet"], upernet_run["checkpoint"], data_root=ade.root, work_dir=tmp_path)
     assert again["mIoU"] == pytest.approx(metrics["mIoU"])
+
+
+@pytest.mark.parametrize("shift,expected", [(0, 100.0), (1, 0.0)])
+def test_miou_is_100_on_labels_equal_to_the_predictions_and_0_on_them_shifted_a_class(
+    shift, expected, upernet_run, upernet_predictions, ade, tmp_path
+):
+    """Label maps replaced by the model's own predictions give mIoU, aAcc and mAcc 100; shifted to the next class
+    (k -> k + 1 mod K), so that no pixel is right, 0."""
+    root = tmp_path / "data"
+    shutil.copytree(ade.root, root)
+    k = len(ade.classes)
+    for path in upernet_predictions[1].iterdir():
+        raw = np.asarray(Image.open(path)).astype(int)  # 1..k
+        Image.fromarray(((raw - 1 + shift) % k + 1).astype(np.uint8)).save(root / "annotations/validation" / path.name)
+    metrics = evaluate(upernet_run["config"], upernet_run["checkpoint"], data_root=root, work_dir=tmp_path)
+    assert (metrics["mIoU"], metrics["aAcc"], metrics["mAcc"]) == (expected, expected, expected)
 
 
 def test_tools_test(upernet_run, tmp_path, capsys):
@@ -340,7 +449,7 @@ def _break_ade_images(root: Path) -> None:
     ],
 )
 def test_bad_data_stops_before_training(kind, corrupt, message, coco, ade, configs, tmp_path, capsys):
-    """tools/train.py prints one line and exits 2; no work dir, no model built."""
+    """tools/train.py prints one line and exits 2; nothing is built (the work dir holds at most the command's log)."""
     main = _tool("train").main
     root = tmp_path / "data"
     shutil.copytree((coco if kind == "coco" else ade).root, root)
@@ -350,7 +459,8 @@ def test_bad_data_stops_before_training(kind, corrupt, message, coco, ade, confi
     assert main([str(config), "--work-dir", str(work), "--data-root", str(root), "--max-iters", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
-    assert not work.exists()
+    built = [p.name for p in work.rglob("*") if p.suffix != ".log"] if work.exists() else []
+    assert built == []  # no config saved, no run folder, no checkpoint: at most the command's log
 
 
 def test_training_without_validation_data(ade, configs, tmp_path):
@@ -400,13 +510,52 @@ def test_torchrun_two_cpu_processes(ade, configs, tmp_path):
 def test_schedule_compressed_to_max_iters(max_iters, warmup_end):
     """UperNet's 1500-iteration warmup of 160k iterations shrinks with the run; one too short to ramp is dropped
     (mmengine's LinearLR stops a step short of its end factor: a 2-iteration warmup would halve the whole run's lr)."""
-    from densevision.apis.train import _scale_schedule, load_config
+    from densevision.training.config import load_config
+    from densevision.training.schedule import compress_schedule
 
     cfg = load_config(REPO / "configs" / "segmentation" / "upernet_swin-t_ade20k-512.py")
-    _scale_schedule(cfg, max_iters)
+    compress_schedule(cfg, max_iters)
     kinds = {s["type"]: s for s in cfg.param_scheduler}
     assert ("LinearLR" in kinds) == (warmup_end is not None)
     if warmup_end is not None:
         assert (kinds["LinearLR"]["begin"], kinds["LinearLR"]["end"]) == (0, warmup_end)
     assert kinds["PolyLR"]["end"] == max_iters and not kinds["PolyLR"]["by_epoch"]
     assert cfg.train_cfg == {"type": "IterBasedTrainLoop", "max_iters": max_iters, "val_interval": max_iters}
+
+
+def test_epoch_schedule_compressed_to_hand_computed_iterations():
+    """12 epochs into 300 iterations: epoch positions scale by 300 / 12 = 25 (milestones 8, 11 -> 200, 275; T_max
+    12 -> 300), an iteration-based warmup keeps its 100 iterations, one of 6 iterations is dropped (shorter than
+    MIN_WARMUP), and one that begins after the run (iteration 400) has no iteration left."""
+    from mmengine.config import Config
+
+    from densevision.errors import ConfigError
+    from densevision.training.schedule import MIN_WARMUP, compress_schedule
+
+    assert MIN_WARMUP == 10
+    cfg = Config(
+        dict(
+            train_cfg=dict(type="EpochBasedTrainLoop", max_epochs=12, val_interval=1),
+            param_scheduler=[
+                dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end=100),
+                dict(type="ConstantLR", factor=0.5, by_epoch=False, begin=0, end=6),
+                dict(type="MultiStepLR", begin=0, end=12, by_epoch=True, milestones=[8, 11], gamma=0.1),
+                dict(type="CosineAnnealingLR", T_max=12, begin=0, end=12, by_epoch=True, convert_to_iter_based=True),
+                dict(type="LinearLR", by_epoch=False, begin=400, end=500),
+            ],
+            default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=1), logger=dict(type="LoggerHook")),
+        )
+    )
+    compress_schedule(cfg, 300)
+    got = [(s["type"], s["begin"], s["end"], s.get("milestones"), s.get("T_max")) for s in cfg.param_scheduler]
+    assert got == [
+        ("LinearLR", 0, 100, None, None),
+        ("MultiStepLR", 0, 300, [200, 275], None),
+        ("CosineAnnealingLR", 0, 300, None, 300),
+    ]
+    assert all(s["by_epoch"] is False and "convert_to_iter_based" not in s for s in cfg.param_scheduler)
+    assert cfg.train_cfg == {"type": "IterBasedTrainLoop", "max_iters": 300, "val_interval": 300}
+    assert cfg.default_hooks.checkpoint == {"type": "CheckpointHook", "interval": 300, "by_epoch": False}
+    assert cfg.default_hooks.logger.log_metric_by_epoch is False and cfg.log_processor == {"by_epoch": False}
+    with pytest.raises(ConfigError, match="max_iters must be >= 1"):
+        compress_schedule(cfg, 0)

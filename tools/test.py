@@ -2,7 +2,7 @@
 
     python tools/test.py work_dirs/dino/dino_swin-t_fpn_coco.py work_dirs/dino/iter_1000.pth --out metrics.json
 
-Same code as ``densevision test``: see densevision.apis.train.
+Same code as ``densevision test``: see densevision.cli.train.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from densevision.apis.train import add_test_arguments, run_test, run_tool
+from densevision.cli.train import run_tool, tool_parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return add_test_arguments(argparse.ArgumentParser(description="Evaluate a checkpoint")).parse_args(argv)
+    return tool_parser("test").parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_tool(run_test, parse_args(argv), "tools/test.py")
+    return run_tool(parse_args(argv))
 
 
 if __name__ == "__main__":

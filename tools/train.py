@@ -3,7 +3,7 @@
     python tools/train.py configs/detection/dino_swin-t_fpn_coco.py --data-root data/mine --work-dir work_dirs/dino
     torchrun --nproc_per_node 2 tools/train.py CONFIG --launcher pytorch ...
 
-Same code as ``densevision train``: see densevision.apis.train.
+Same code as ``densevision train``: see densevision.cli.train.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from densevision.apis.train import add_train_arguments, run_tool, run_train
+from densevision.cli.train import run_tool, tool_parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return add_train_arguments(argparse.ArgumentParser(description="Train a detector or segmentor")).parse_args(argv)
+    return tool_parser("train").parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_tool(run_train, parse_args(argv), "tools/train.py")
+    return run_tool(parse_args(argv))
 
 
 if __name__ == "__main__":
