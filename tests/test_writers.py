@@ -22,12 +22,12 @@ from rasterio.warp import transform as warp_transform
 
 import densevision
 from densevision.errors import InvalidRegionError, OutputError
+from densevision.io import atomic
 from densevision.io.writers import (
     CocoResultsWriter,
     GeoJsonWriter,
     GeoTiffWriter,
     PyramidTiffWriter,
-    _atomic,
     mask_to_rle,
     pyramid_dimensions,
     scale_transform,
@@ -436,7 +436,7 @@ def test_coco_results_load_in_pycocotools(tmp_path: Path) -> None:
 
 # --- crash safety and bad paths ----------------------------------------------------------------------------------
 
-Opener = Callable[[Path], _atomic.AtomicWriter]
+Opener = Callable[[Path], atomic.AtomicWriter]
 WRITERS: dict[str, tuple[str, Opener]] = {
     "geotiff": ("out.tif", lambda p: GeoTiffWriter(p, 64, 48)),
     "cog": ("out.tif", lambda p: GeoTiffWriter(p, 64, 48, cog=True)),
@@ -446,7 +446,7 @@ WRITERS: dict[str, tuple[str, Opener]] = {
 }
 
 
-def _write_something(w: _atomic.AtomicWriter) -> None:
+def _write_something(w: atomic.AtomicWriter) -> None:
     if isinstance(w, (GeoTiffWriter, PyramidTiffWriter)):
         w.write(np.ones((16, 64), np.uint8), 0, 0)
     elif isinstance(w, GeoJsonWriter):
@@ -473,17 +473,17 @@ def test_exception_leaves_nothing(tmp_path: Path, kind: str) -> None:
 @pytest.mark.parametrize("kind", WRITERS)
 def test_bad_output_paths(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     name, opener = WRITERS[kind]
-    with pytest.raises(OutputError, match="does not exist; create it first"):
-        opener(tmp_path / "missing" / name)
     with pytest.raises(OutputError, match="is a directory"):
         opener(tmp_path)
     (tmp_path / "file").write_text("")
     with pytest.raises(OutputError, match="is a file, not a directory"):
         opener(tmp_path / "file" / name)
+    with pytest.raises(OutputError, match=f"{tmp_path / 'file'} is a file, not a directory"):
+        opener(tmp_path / "file" / "deeper" / name)
     (tmp_path / "file").unlink()
     assert issubclass(OutputError, OSError)
     # Root may write anywhere, so fake the permission check rather than chmod.
-    monkeypatch.setattr(_atomic.os, "access", lambda *a, **k: False)
+    monkeypatch.setattr(atomic.os, "access", lambda *a, **k: False)
     with pytest.raises(OutputError, match="is not writable"):
         opener(tmp_path / name)
     assert os.listdir(tmp_path) == []
@@ -495,3 +495,67 @@ def test_writing_after_close_is_refused(tmp_path: Path) -> None:
     assert w.close() == tmp_path / "a.geojson"  # idempotent
     with pytest.raises(OutputError, match="already closed"):
         w.add([0, 0, 1, 1])
+
+
+@pytest.mark.parametrize("kind", WRITERS)
+def test_missing_output_folders_are_created(tmp_path: Path, kind: str) -> None:
+    name, opener = WRITERS[kind]
+    out = tmp_path / "new" / "deeper" / name
+    with opener(out) as w:
+        if isinstance(w, (GeoTiffWriter, PyramidTiffWriter)):
+            w.write(np.ones((48, 64), np.uint8), 0, 0)  # every pixel, or nothing is saved
+        else:
+            _write_something(w)
+    assert out.is_file() and os.listdir(out.parent) == [name]
+
+
+def test_a_folder_that_cannot_be_created_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(OutputError) as err:
+        atomic.check_output_path(tmp_path / "new" / "out.tif")
+    assert str(err.value) == (
+        f"{tmp_path / 'new' / 'out.tif'}: cannot create the output directory {tmp_path / 'new'} (Permission denied); "
+        "choose another -o or fix permissions"
+    )
+
+
+def test_replacing_renames_on_success_and_removes_on_failure(tmp_path: Path) -> None:
+    out = tmp_path / "a.txt"
+    out.write_text("previous")
+    with pytest.raises(RuntimeError), atomic.replacing(out) as partial:
+        assert partial == tmp_path / "a.txt.partial"
+        partial.write_text("half")
+        raise RuntimeError("crashed")
+    assert os.listdir(tmp_path) == ["a.txt"] and out.read_text() == "previous"
+    (tmp_path / "a.txt.partial").write_text("left by a killed run")
+    with atomic.replacing(out) as partial:
+        assert not partial.exists()  # the stale partial is gone first
+        partial.write_text("new")
+    assert os.listdir(tmp_path) == ["a.txt"] and out.read_text() == "new"
+
+
+def test_replacing_a_folder(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.pth").write_text("old")
+    with pytest.raises(RuntimeError), atomic.replacing(out) as partial:
+        partial.mkdir()
+        (partial / "new.pth").write_text("half")
+        raise RuntimeError("crashed")
+    assert os.listdir(tmp_path) == ["model"] and os.listdir(out) == ["old.pth"]
+    with atomic.replacing(out) as partial:
+        partial.mkdir()
+        (partial / "new.pth").write_text("new")
+    assert os.listdir(tmp_path) == ["model"] and os.listdir(out) == ["new.pth"]
+
+
+def test_write_json_is_whole_or_absent(tmp_path: Path) -> None:
+    out = tmp_path / "summary.json"
+    assert atomic.write_json(out, {"count": np.int64(3), "boxes": np.zeros((1, 2))}) == out
+    assert json.loads(out.read_text()) == {"count": 3, "boxes": [[0.0, 0.0]]}
+    with pytest.raises(TypeError, match="object is not JSON serializable"):
+        atomic.write_json(out, {"bad": object()})
+    assert os.listdir(tmp_path) == ["summary.json"] and json.loads(out.read_text())["count"] == 3

@@ -11,7 +11,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from densevision.errors import ConfigError, InvalidRegionError
-from densevision.io.writers._atomic import AtomicWriter, jsonable
+from densevision.io.atomic import AtomicWriter, jsonable
 
 # pycocotools stores run lengths as 32-bit unsigned integers.
 _MAX_RLE_PIXELS = 2**32 - 1

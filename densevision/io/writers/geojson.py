@@ -21,7 +21,7 @@ from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
 
 from densevision.errors import ConfigError
-from densevision.io.writers._atomic import AtomicWriter, jsonable
+from densevision.io.atomic import AtomicWriter, jsonable
 
 # A GeoJSON geometry mapping, a shapely geometry, or a box ``[x0, y0, x1, y1]``.
 Geometry: TypeAlias = Mapping[str, Any] | shapely.Geometry | Sequence[float]

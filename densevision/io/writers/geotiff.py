@@ -17,7 +17,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from densevision.errors import ConfigError, InvalidRegionError, OutputError
-from densevision.io.writers._atomic import AtomicWriter, remove_quietly, sibling
+from densevision.io.atomic import AtomicWriter, remove_quietly, sibling
 
 
 def scale_transform(transform: Affine, downsample: float | tuple[float, float]) -> Affine:

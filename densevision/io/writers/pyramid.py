@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 
 from densevision.errors import ConfigError, InvalidRegionError, OutputError
-from densevision.io.writers._atomic import AtomicWriter, remove_quietly, sibling
+from densevision.io.atomic import AtomicWriter, remove_quietly, sibling
 from densevision.io.writers.geotiff import cast_window
 
 Downsampling = Literal["mode", "nearest", "mean"]
@@ -62,7 +62,7 @@ def downsample2(a: np.ndarray, how: Downsampling) -> np.ndarray:
 
 class PyramidLevel:
     """One pyramid level fed by whole-width rows top to bottom (for generators that produce rows, e.g.
-    :func:`densevision.io.synthetic.make_slide`; :class:`PyramidTiffWriter` takes windows, see :class:`TileLevel`):
+    :func:`densevision.synthetic.slides.make_slide`; :class:`PyramidTiffWriter` takes windows, see :class:`TileLevel`):
     collects rows into a band of ``tile_size`` rows, encodes full bands into tiles appended
     to a spool file with ``encode`` (tile array -> compressed bytes), and hands each finished band on (to be
     halved for the next level). Padding of the bottom / right tiles is ``fill``."""
