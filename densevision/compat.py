@@ -6,6 +6,10 @@ an allow-list, so real mmdet / mmseg checkpoints (numpy arrays and mmengine obje
 allow-list; anything else needs an explicit, per-call ``trust=True`` (``--trust-checkpoint`` on the CLI).
 :func:`patch_mmengine` routes mmengine's local-file loading (``load_checkpoint``, ``Runner.resume``,
 ``init_model``) through it.
+
+Weights: :func:`load_state_dict_strictly` is the one strict load (mmdet / mmseg models, SAM, SAM's decoder in the
+heads): the state dict must hold exactly the module's keys with its shapes, and the error names the missing,
+unexpected and mis-shaped keys instead of torch's traceback, or mmengine's warning with ``strict=False``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import contextvars
 import os
 import pickle
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,8 @@ import numpy as np
 import torch
 
 from densevision.errors import CheckpointError, UnsafeCheckpointError
+
+_SHOWN_KEYS = 6  # keys named in an error message before "and N more"
 
 _trusted: contextvars.ContextVar[bool] = contextvars.ContextVar("densevision_trust_checkpoints", default=False)
 
@@ -114,6 +120,38 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu", *, 
         ) from e
     except Exception as e:  # torch raises RuntimeError, EOFError, IndexError ... for non-checkpoints
         raise CheckpointError(f"{p}: not a readable torch checkpoint ({e}); re-download or re-save it") from e
+
+
+def name_keys(keys: Sequence[str], limit: int = _SHOWN_KEYS) -> str:
+    """The first ``limit`` of ``keys`` joined for an error message, then ``and N more``."""
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_state_dict_strictly(module: torch.nn.Module, state: Mapping[str, Any], *, what: str, fix: str) -> None:
+    """Load ``state`` into ``module`` when it holds exactly ``module.state_dict()``'s keys, each a tensor of the
+    same shape; else raise, loading nothing.
+
+    Raises:
+        CheckpointError: ``"{what}: 2 missing keys: a, b; 1 unexpected keys: c; 1 mis-shaped: d (3,) (model (4,));
+            {fix}"``, each list sorted and cut after a few keys.
+    """
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    shapes = [
+        f"{k} {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__} (model {tuple(expected[k].shape)})"
+        for k, v in sorted(state.items())
+        if k in expected and not (isinstance(v, torch.Tensor) and v.shape == expected[k].shape)
+    ]
+    problems = [
+        f"{len(keys)} {label}: {name_keys(keys)}"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(f"{what}: {'; '.join(problems)}; {fix}")
+    module.load_state_dict(dict(state), strict=True)
 
 
 @contextlib.contextmanager

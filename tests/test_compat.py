@@ -13,7 +13,7 @@ from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.runner.checkpoint import load_checkpoint as mmengine_load_checkpoint
 from mmengine.runner.checkpoint import save_checkpoint
 
-from densevision.compat import load_checkpoint, patch_mmengine, trusted_checkpoints
+from densevision.compat import load_checkpoint, load_state_dict_strictly, patch_mmengine, trusted_checkpoints
 from densevision.errors import CheckpointError, DenseVisionError, UnsafeCheckpointError
 
 
@@ -134,3 +134,32 @@ def test_missing_and_garbage_checkpoints(tmp_path):
     garbage.write_bytes(b"this is not a checkpoint")
     with pytest.raises(CheckpointError):
         load_checkpoint(garbage)
+
+
+def test_strict_load_names_missing_unexpected_and_misshaped_keys():
+    model = _model()  # 0.weight, 0.bias, 1.weight, 1.bias, 1.running_mean, 1.running_var, 1.num_batches_tracked
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    del state["1.running_var"], state["0.bias"]
+    state["head.weight"] = torch.zeros(2)
+    state["1.weight"] = torch.zeros(3)
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict_strictly(model, state, what="x.pth does not fit the model", fix="use its config")
+    assert str(err.value) == (
+        "x.pth does not fit the model: 2 missing keys: 0.bias, 1.running_var; 1 unexpected keys: head.weight; "
+        "1 mis-shaped: 1.weight (3,) (model (8,)); use its config"
+    )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half-loaded
+
+
+def test_strict_load_cuts_long_key_lists_and_loads_an_exact_fit():
+    model = torch.nn.Sequential(*(torch.nn.Linear(1, 1) for _ in range(5)))
+    with pytest.raises(
+        CheckpointError,
+        match=r"10 missing keys: 0\.bias, 0\.weight, 1\.bias, 1\.weight, 2\.bias, "
+        r"2\.weight and 4 more; fix it$",
+    ):
+        load_state_dict_strictly(model, {}, what="w", fix="fix it")
+    state = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    load_state_dict_strictly(model, state, what="w", fix="fix it")
+    assert all(torch.equal(v, torch.full_like(v, 0.5)) for v in model.state_dict().values())

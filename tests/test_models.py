@@ -443,9 +443,18 @@ def test_sam_checkpoint_argument_survives_the_models_init_weights(sam_state, sam
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda s: s.__setitem__("mask_decoder.iou_token.weight", torch.zeros(1, 128)), r"shape mismatch.*iou_token"),
-        (lambda s: s.pop("prompt_encoder.no_mask_embed.weight"), r"missing: prompt_encoder\.no_mask_embed\.weight"),
-        (lambda s: s.__setitem__("mask_decoder.extra.weight", torch.zeros(1)), r"unexpected: mask_decoder\.extra"),
+        (
+            lambda s: s.__setitem__("mask_decoder.iou_token.weight", torch.zeros(1, 128)),
+            r"1 mis-shaped: mask_decoder\.iou_token\.weight \(1, 128\) \(model \(1, 256\)\)",
+        ),
+        (
+            lambda s: s.pop("prompt_encoder.no_mask_embed.weight"),
+            r"1 missing keys: prompt_encoder\.no_mask_embed\.weight;",
+        ),
+        (
+            lambda s: s.__setitem__("mask_decoder.extra.weight", torch.zeros(1)),
+            r"1 unexpected keys: mask_decoder\.extra\.weight;",
+        ),
         (lambda s: s.__setitem__("decode_head.conv_seg.weight", torch.zeros(1)), r"outside SAM's layout"),
     ],
 )
@@ -463,7 +472,7 @@ def test_sam_weights_refuse_a_checkpoint_that_does_not_fit(sam_state, tmp_path, 
 
 def test_sam_weights_refuse_a_decoder_of_other_sizes(sam_checkpoint):
     head = SamBoxMaskHead([64], featmap_strides=[8], embed_dim=128)
-    with pytest.raises(CheckpointError, match="shape mismatch"):
+    with pytest.raises(CheckpointError, match="mis-shaped"):
         load_sam_weights(head, sam_checkpoint)
     with pytest.raises(CheckpointError, match="holds 0 SAM prompt decoders"):
         load_sam_weights(torch.nn.Linear(2, 2), sam_checkpoint)

@@ -6,20 +6,15 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from densevision.compat import load_checkpoint
+from densevision.compat import load_checkpoint, load_state_dict_strictly, name_keys
 from densevision.errors import CheckpointError
 from densevision.models.sam_decoder import SamPromptDecoder
 
 # Top-level prefixes of sam_vit_b / sam_vit_l / sam_vit_h .pth files (plain state dicts).
 SAM_LOADED_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 SAM_UNUSED_PREFIXES = ("image_encoder.",)
-
-
-def _names(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def _state_dict_of(ckpt: Any, path: str | os.PathLike[str]) -> Mapping[str, Any]:
@@ -74,32 +69,15 @@ def load_sam_weights(module: nn.Module, checkpoint_path: str | os.PathLike[str])
     if foreign:
         raise CheckpointError(
             f"{checkpoint_path}: keys outside SAM's layout (image_encoder.*, prompt_encoder.*, mask_decoder.*): "
-            f"{_names(foreign)}; pass an official sam_vit_b/l/h checkpoint"
+            f"{name_keys(foreign)}; pass an official sam_vit_b/l/h checkpoint"
         )
-    wanted: dict[str, Tensor] = decoder.state_dict()
     given = {k: v for k, v in state.items() if k.startswith(SAM_LOADED_PREFIXES)}
-    missing = sorted(set(wanted) - set(given))
-    unexpected = sorted(set(given) - set(wanted))
-    mismatched = sorted(
-        f"{k} {tuple(v.shape)} vs {tuple(wanted[k].shape)}"
-        for k, v in given.items()
-        if k in wanted and (not isinstance(v, Tensor) or v.shape != wanted[k].shape)
+    load_state_dict_strictly(
+        decoder,
+        given,
+        what=f"{checkpoint_path}: does not fit the SAM prompt encoder / mask decoder",
+        fix="use an official SAM checkpoint and the decoder's default sizes",
     )
-    problems = [
-        f"{label}: {_names(keys)}"
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape mismatch (checkpoint vs model)", mismatched),
-        )
-        if keys
-    ]
-    if problems:
-        raise CheckpointError(
-            f"{checkpoint_path}: does not fit the SAM prompt encoder / mask decoder ({'; '.join(problems)}); "
-            "use an official SAM checkpoint and the decoder's default sizes"
-        )
-    decoder.load_state_dict(given, strict=True)
     if not name:  # the decoder itself: everything was loaded
         return []
     return sorted(k for k in module.state_dict() if not k.startswith(f"{name}."))
@@ -112,5 +90,5 @@ def check_not_loaded(not_loaded: list[str], expected_prefixes: tuple[str, ...], 
     if stray:
         raise CheckpointError(
             f"{owner}: SAM weights left parameters outside {', '.join(expected_prefixes)} at their initial values "
-            f"({_names(stray)}); this head does not fit SAM's layout"
+            f"({name_keys(stray)}); this head does not fit SAM's layout"
         )

@@ -24,19 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from densevision.compat import load_checkpoint
+from densevision.compat import load_checkpoint, load_state_dict_strictly
 from densevision.errors import CheckpointError, ConfigError, InvalidRegionError
 
 # model type -> (encoder embedding width, encoder depth), as segment_anything.build_sam builds them
 SAM_MODEL_TYPES: dict[str, tuple[int, int]] = {"vit_b": (768, 12), "vit_l": (1024, 24), "vit_h": (1280, 32)}
 _PATCH_KEY = "image_encoder.patch_embed.proj.weight"
 _BLOCK_RE = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
-_SHOW_KEYS = 6  # keys named in an error message before "and N more"
-
-
-def _name_keys(keys: list[str]) -> str:
-    more = f" and {len(keys) - _SHOW_KEYS} more" if len(keys) > _SHOW_KEYS else ""
-    return ", ".join(keys[:_SHOW_KEYS]) + more
 
 
 def infer_sam_model_type(state_dict: Mapping[str, Any]) -> str:
@@ -98,25 +92,12 @@ def sam_from_state_dict(state_dict: Mapping[str, torch.Tensor], model_type: str 
                 f"the checkpoint holds a SAM {inferred} but {model_type} was asked for; pass {inferred} or no type"
             )
     model = sam_model_registry[kind]()
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [
-        f"{k} {tuple(v.shape)} (model {tuple(expected[k].shape)})"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        problems = [
-            f"{len(missing)} missing keys: {_name_keys(missing)}" if missing else "",
-            f"{len(unexpected)} unexpected keys: {_name_keys(unexpected)}" if unexpected else "",
-            f"{len(shapes)} mis-shaped: {_name_keys(shapes)}" if shapes else "",
-        ]
-        raise CheckpointError(
-            f"the checkpoint does not fit SAM {kind}: {'; '.join(p for p in problems if p)}; "
-            "pass an unmodified SAM checkpoint of that type"
-        )
-    model.load_state_dict(state_dict, strict=True)
+    load_state_dict_strictly(
+        model,
+        state_dict,
+        what=f"the checkpoint does not fit SAM {kind}",
+        fix="pass an unmodified SAM checkpoint of that type",
+    )
     return model.eval()
 
 

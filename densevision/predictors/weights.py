@@ -7,13 +7,8 @@ from typing import Any
 
 import torch
 
-from densevision.compat import load_checkpoint
+from densevision.compat import load_checkpoint, load_state_dict_strictly
 from densevision.errors import CheckpointError
-
-
-def _names(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def load_weights(model: torch.nn.Module, checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
@@ -29,27 +24,12 @@ def load_weights(model: torch.nn.Module, checkpoint: str | os.PathLike[str]) -> 
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{checkpoint}: its state_dict is not a mapping of names to tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DistributedDataParallel
-    own = model.state_dict()
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
-    wrong = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing ({_names(missing)})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
-        if wrong:
-            k = wrong[0]
-            problems.append(
-                f"{len(wrong)} of another shape ({k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} "
-                "in the model)"
-            )
-        raise CheckpointError(
-            f"{checkpoint} does not fit the model of the config: keys {'; '.join(problems)}; use the config the "
-            "checkpoint was trained with (and its class count)"
-        )
-    model.load_state_dict(state, strict=True)
+    load_state_dict_strictly(
+        model,
+        state,
+        what=f"{checkpoint} does not fit the model of the config",
+        fix="use the config the checkpoint was trained with (and its class count)",
+    )
     meta = ckpt.get("meta") or {}
     dataset_meta = meta.get("dataset_meta") or ({"classes": meta["CLASSES"]} if "CLASSES" in meta else {})
     return {str(k).lower(): v for k, v in dataset_meta.items()}
