@@ -172,8 +172,8 @@ def independent_scores(out: Path) -> tuple[dict[str, float], dict[str, float]]:
     class map (read at once: the tiny demo's slide is small) against the truth painted in one array, and detection
     precision / recall from a plain greedy match (best score first, IoU of xywh boxes, same class, each object once).
     """
-    summary = json.loads((out / "demo_summary.json").read_text())
-    seg_classes = summary["segmentation"]["model"]["classes"]
+    # The models' classes are those their training data was cut with: background first for segmentation.
+    seg_classes = ["background", *json.loads((out / "slide.truth.json").read_text())["classes"]]
     pred = tifffile.imread(out / "slide.classes.tif", level=0).astype(np.int64)  # 255 = skipped as empty
     pred[pred == 255] = 0
     truth = np.zeros_like(pred)
@@ -184,7 +184,7 @@ def independent_scores(out: Path) -> tuple[dict[str, float], dict[str, float]]:
         union = ((truth == k) | (pred == k)).sum()
         if union:
             iou[name] = ((truth == k) & (pred == k)).sum() / union
-    det_classes = summary["detection"]["model"]["classes"]
+    det_classes = json.loads((out / "scene.truth.json").read_text())["classes"]
     objects = read_truth(out / "scene.truth.json")
     found = [False] * len(objects)
     tp = 0

@@ -202,4 +202,11 @@ def test_the_installed_command_runs_info_and_the_tiny_demo_anywhere(wheel_env: d
     for task in ("segmentation", "detection"):
         assert Path(summary[task]["model"]["trained_with"]).is_relative_to(site / "densevision" / "configs")
         assert (work / summary[task]["output"]).is_file()
+    # The installed scorer's numbers are the files' own, recomputed here without it.
+    from test_demo import independent_scores
+
+    iou, found = independent_scores(work / "outputs" / "demo")
+    seg, det = summary["segmentation"]["scores"], summary["detection"]["scores"]
+    assert {k: v for k, v in seg["iou"].items() if v is not None} == pytest.approx(iou)
+    assert {k: det[k] for k in found} == found
     print(f"tiny demo from the wheel: {seconds:.0f} s")
