@@ -113,7 +113,6 @@ def test(
         The metrics, e.g. ``{"coco/bbox_mAP": 0.41, ...}`` or ``{"mIoU": 63.2, "aAcc": ..., "mAcc": ...}``.
     """
     from densevision.compat import trusted_checkpoints
-    from densevision.io.atomic import write_json
 
     cfg = load_config(config, cfg_options)
     with trusted_checkpoints(trust_checkpoint):
@@ -124,6 +123,8 @@ def test(
             cfg, checkpoint, work_dir=work_dir or default_work_dir(config), num_workers=num_workers, launcher=launcher
         )
     if out is not None:
+        from densevision.io.atomic import write_json  # densevision.io loads OpenSlide and GDAL: only when writing
+
         record = {
             "config": str(config),
             "checkpoint": str(checkpoint),
