@@ -167,7 +167,7 @@ EXPECTED_FILES = (
 )  # fmt: skip
 
 
-def independent_scores(out: Path) -> tuple[dict[str, float], dict[str, float]]:
+def independent_scores(out: Path) -> tuple[dict[str, float], dict[str, int]]:
     """The demo's scores recomputed from its files alone, without densevision.demo.score: per-class IoU of the whole
     class map (read at once: the tiny demo's slide is small) against the truth painted in one array, and detection
     precision / recall from a plain greedy match (best score first, IoU of xywh boxes, same class, each object once).
