@@ -71,20 +71,20 @@ def test_sigkill_then_resume_gives_the_same_bytes(scene, tmp_path):
     work = out.with_name("seg.tif.partial.d")
     proc = _run(script, src, out, 0.15, False)
     deadline = time.time() + 240
-    while len(list(work.glob("band-*.npz"))) < 3 and time.time() < deadline and proc.poll() is None:
+    while len(list(work.glob("blocks-*.npz"))) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    done = len(list(work.glob("band-*.npz")))
-    assert 3 <= done < 10  # 10 bands in all: killed half way
+    done = len(list(work.glob("blocks-*.npz")))
+    assert 3 <= done < 10  # 10 block rows in all: killed half way
     assert not out.exists() and not out.with_name("seg.summary.json").exists()
 
-    # Starting again without --resume refuses rather than throwing the finished bands away.
+    # Starting again without --resume refuses rather than throwing the finished rows away.
     again = subprocess.run(
         [sys.executable, str(script), str(src), str(out), "0", "0"], capture_output=True, text=True, timeout=300
     )
     assert again.returncode != 0 and "ConfigError" in again.stderr and "pass --resume" in again.stderr
-    assert len(list(work.glob("band-*.npz"))) == done
+    assert len(list(work.glob("blocks-*.npz"))) == done
 
     assert _run(script, src, out, 0, True).wait(timeout=300) == 0
     assert not work.exists()
@@ -93,39 +93,39 @@ def test_sigkill_then_resume_gives_the_same_bytes(scene, tmp_path):
 
 
 def test_resume_refuses_other_settings_and_foreign_folders(tmp_path):
-    from densevision.engine.workdir import BandStore
+    from densevision.engine.workdir import BlockFolder
     from densevision.errors import ConfigError
 
     root = tmp_path / "seg.tif.partial.d"
     layout = {"rows": [0, 4], "cols": [0, 8]}
-    store = BandStore(root, {"tile": 512, "blend": "gaussian"}, resume=False, **layout)
+    store = BlockFolder(root, {"tile": 512, "blend": "gaussian"}, resume=False, **layout)
     store.put(0, 0, np.zeros((4, 8), np.uint8), None)
-    assert BandStore(root, {"tile": 512, "blend": "gaussian"}, resume=True, **layout).done() == 1
+    assert BlockFolder(root, {"tile": 512, "blend": "gaussian"}, resume=True, **layout).done() == 1
     with pytest.raises(ConfigError, match="pass --resume"):
-        BandStore(root, {"tile": 512, "blend": "gaussian"}, resume=False, **layout)
+        BlockFolder(root, {"tile": 512, "blend": "gaussian"}, resume=False, **layout)
     with pytest.raises(ConfigError, match="other blend, tile"):
-        BandStore(root, {"tile": 256, "blend": "crop"}, resume=True, **layout)
+        BlockFolder(root, {"tile": 256, "blend": "crop"}, resume=True, **layout)
     (root / "run.json").unlink()
     with pytest.raises(ConfigError, match="not a densevision work folder"):
-        BandStore(root, {"tile": 512}, resume=True, **layout)
+        BlockFolder(root, {"tile": 512}, resume=True, **layout)
 
 
-def test_band_store_commits_a_band_when_its_last_block_is_in_and_reads_column_strips(tmp_path):
-    from densevision.engine.workdir import BandStore
+def test_block_folder_commits_a_block_row_when_its_last_block_is_in_and_reads_column_strips(tmp_path):
+    from densevision.engine.workdir import BlockFolder
     from densevision.errors import InvalidRegionError
 
     rows, cols = [0, 5, 12, 13], [0, 4, 9, 16]
     rng = np.random.default_rng(0)
     classes = rng.integers(0, 5, (13, 16), dtype=np.uint8)
     probs = rng.random((13, 16, 3), dtype=np.float32)
-    store = BandStore(tmp_path / "w", {}, resume=False, rows=rows, cols=cols)
+    store = BlockFolder(tmp_path / "w", {}, resume=False, rows=rows, cols=cols)
     blocks = [(k, c) for k in range(3) for c in range(3)]
-    for n, i in enumerate([2, 0, 1, 4, 5, 3]):  # bands 0 and 1, blocks in any order within a band
+    for n, i in enumerate([2, 0, 1, 4, 5, 3]):  # block rows 0 and 1, blocks in any order within a row
         (k, c) = blocks[i]
         window = np.s_[rows[k] : rows[k + 1], cols[c] : cols[c + 1]]
         store.put(rows[k], cols[c], classes[window], probs[window])
         assert store.done() == (n + 1) // 3  # committed only once its last block is in
-        assert len(list((tmp_path / "w").glob("band-*.npz"))) == store.done()
+        assert len(list((tmp_path / "w").glob("blocks-*.npz"))) == store.done()
     with pytest.raises(InvalidRegionError, match="put twice"):
         store.put(5, 4, classes[5:12, 4:9], probs[5:12, 4:9])
     with pytest.raises(InvalidRegionError, match="not the corner of a block"):
@@ -133,13 +133,13 @@ def test_band_store_commits_a_band_when_its_last_block_is_in_and_reads_column_st
     with pytest.raises(InvalidRegionError, match="block \\(2, 0\\) is 4 x 1 pixels"):
         store.put(12, 0, classes[12:, :5])
     store.put(12, 0, classes[12:, :4], probs[12:, :4])
-    store.close()  # an interrupted band: not committed, redone on resume
-    store = BandStore(tmp_path / "w", {}, resume=True, rows=rows, cols=cols)
+    store.close()  # an interrupted block row: not committed, redone on resume
+    store = BlockFolder(tmp_path / "w", {}, resume=True, rows=rows, cols=cols)
     assert store.done() == 2 and store.done(1) == 1 and store.done(2) == 0
     for c in range(3):
         store.put(12, cols[c], classes[12:, cols[c] : cols[c + 1]], probs[12:, cols[c] : cols[c + 1]])
     assert store.done() == 3
-    got = list(store.blocks((1, 3)))  # block columns 1 and 2, band by band
+    got = list(store.blocks((1, 3)))  # block columns 1 and 2, row by row
     assert [(y, x) for y, x, *_ in got] == [(0, 4), (0, 9), (5, 4), (5, 9), (12, 4), (12, 9)]
     for y, x, cm, p in got:
         h, w = cm.shape
@@ -172,7 +172,7 @@ class _Conv(torch.nn.Module):
 @pytest.mark.parametrize("blend", ["crop", "gaussian"])
 def test_resume_after_a_crash_anywhere_gives_the_same_bytes(tmp_path, blend):
     # 333 x 250 with tile 64, overlap 16: the last tile row and column are shifted inward, so the last two tile rows
-    # are fed column by column (stitch_order) and two bands are open at once near the end.
+    # are fed column by column (stitch_order) and two block rows are open at once near the end.
     rng = np.random.default_rng(1)
     src = tmp_path / "scene.tif"
     profile = dict(driver="GTiff", width=333, height=250, count=3, dtype="uint8", crs="EPSG:32631")
@@ -188,15 +188,15 @@ def test_resume_after_a_crash_anywhere_gives_the_same_bytes(tmp_path, blend):
     (tmp_path / "ref").mkdir()
     segment_image(src, out=tmp_path / "ref" / "seg.tif", predictor=_Conv(), **kw)
     batches = -(-len(TileGrid(333, 250, 64, 16)) // 3)  # 35 tiles, 12 batches
-    for crash in (4, 7, batches - 1):  # after band 0, in the middle, in the interleaved last two rows
+    for crash in (4, 7, batches - 1):  # after block row 0, in the middle, in the interleaved last two rows
         out = tmp_path / f"run{crash}" / "seg.tif"
         out.parent.mkdir()
         with pytest.raises(RuntimeError, match="simulated crash"):
             segment_image(src, out=out, predictor=_Conv(fail_after=crash), **kw)
         assert not out.exists()
         summary = segment_image(src, out=out, predictor=_Conv(), resume=True, **kw)
-        assert 1 <= summary["resumed"]["bands_already_done"] < summary["resumed"]["bands"] == 5
-        if crash > 4:  # only the tile rows reaching into unfinished bands are redone (after band 0: all of them)
+        assert 1 <= summary["resumed"]["rows_already_done"] < summary["resumed"]["rows"] == 5
+        if crash > 4:  # only the tile rows reaching into unfinished block rows are redone (after block row 0: all of them)
             assert summary["timings"]["tiles"] < len(TileGrid(333, 250, 64, 16))
         for name in ("seg.tif", "seg.probs.tif"):
             assert (out.parent / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), (crash, name)

@@ -1,6 +1,6 @@
 """Segmentation stitching against whole-image references: exact under ``crop``, brute-force averages under
 ``constant``, normalisation and seams under ``gaussian`` / ``hann``, nodata, blocks emitted once each as soon as they
-are final, bounded memory whatever the width, feed orders, and regrouping blocks into bands."""
+are final, bounded memory whatever the width, feed orders, and regrouping pieces into blocks."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from densevision.stitch import (
     probabilities,
     tile_window,
 )
-from densevision.stitch.segmentation import BlockAssembler, band_edges, block_edges, stitch_order
+from densevision.stitch.segmentation import BlockAssembler, block_edges, stitch_order
 from densevision.tiling.grid import Tile, TileGrid
 
 
@@ -345,8 +345,8 @@ def test_blocks_of_the_grid_are_final_once_their_tile_is_in(blend):
     if blend == "crop":  # the owned regions: one per tile
         assert rows == [0, *(t.owned[3] for t in grid if t.col == 0)]
         assert cols == [0, *(t.owned[2] for t in grid if t.row == 0)]
-    else:  # the bands, cut at the tile columns too
-        assert rows == band_edges(grid) and cols == [*grid.xs, grid.width]
+    else:  # the tile rows, cut at the tile columns too
+        assert rows == [*grid.ys, grid.height] and cols == [*grid.xs, grid.width]
     img = image(2, 250, 333)
     got: list[tuple[int, int, np.ndarray]] = []
     asm = BlockAssembler(rows, cols, lambda y0, x0, cm, lg: got.append((y0, x0, lg)))
@@ -374,11 +374,11 @@ def test_blocks_of_the_grid_are_final_once_their_tile_is_in(blend):
         np.testing.assert_array_equal(np.moveaxis(lg, -1, 0), sink.logits[:, y0 : y0 + h, x0 : x0 + w])
 
 
-def test_block_assembler_bands_any_order_and_bad_use():
+def test_block_assembler_block_rows_any_order_and_bad_use():
     full = np.arange(20 * 30, dtype=np.int32).reshape(20, 30)
     rows, cols = [0, 7, 13, 20], [0, 11, 30]
     got: dict[tuple[int, int], np.ndarray] = {}
-    asm = BlockAssembler(rows, cols, lambda y0, x0, a: got.setdefault((y0, x0), a.copy()), bands=(1, 3))
+    asm = BlockAssembler(rows, cols, lambda y0, x0, a: got.setdefault((y0, x0), a.copy()), block_rows=(1, 3))
     for y, x in reversed([(y, x) for y in range(0, 20, 5) for x in range(0, 30, 10)]):  # straddle the blocks
         asm(y, x, full[y : y + 5, x : x + 10])
     asm.finish()
@@ -396,7 +396,7 @@ def test_block_assembler_bands_any_order_and_bad_use():
     with pytest.raises(InvalidRegionError, match=r"block \(0, 1\) .* more pixels than it has"):
         asm(2, 4, np.zeros((3, 6)))
     with pytest.raises(InvalidRegionError, match=r"the first block \(1, 0\) .* got no pixel"):
-        BlockAssembler([0, 5, 9], [0, 10], lambda *a: None, bands=(1, 2)).finish()
+        BlockAssembler([0, 5, 9], [0, 10], lambda *a: None, block_rows=(1, 2)).finish()
 
 
 def test_crop_holds_one_owned_region_at_most():

@@ -1,10 +1,11 @@
 """``detect_objects`` and ``segment_instances``: a whole slide or scene through a detector (and a box-prompted mask
 model), objects merged across tiles into whole-image features.
 
-Two phases, as for segmentation. Predict: tiles stream through the detector; each tile row's raw detections
-(level-0 boxes, scores, labels, mask polygons) are committed to ``<out>.partial.d/`` as the row completes, so a
-killed run resumes where it stopped and ranks of a ``torchrun`` each do a share of the rows. Merge and write: rank 0
-feeds the rows to the streaming :class:`~densevision.stitch.DetectionMerger` and writes each finished object.
+The detection task of :func:`~densevision.apis.job.run_job`. Its consumer: each tile row's raw detections (level-0
+boxes, scores, labels, mask polygons) are committed to the work folder as the row completes, so a killed run resumes
+where it stopped and ranks of a ``torchrun`` each do a share of the rows. Its finishing step (rank 0): the rows fed
+to the streaming :class:`~densevision.stitch.DetectionMerger`, each finished object written (or, with the overview or
+SAM, the merged objects gathered first), the preview.
 """
 
 from __future__ import annotations
@@ -20,29 +21,29 @@ from typing import Any
 
 import numpy as np
 import shapely
+import torch
 from PIL import Image, ImageDraw
 
-from densevision.apis._run import (
-    PREVIEW_SIZE,
-    area_per_pixel,
-    stretch_for_display,
-    tiles_to_run,
-    value_scale_for,
-    versions,
-    working_size,
-    write_json,
+from densevision.apis.job import Job, Task, area_per_pixel, run_job, stretch_for_display
+from densevision.apis.settings import (
+    DETECTION_TILING,
+    Compute,
+    Detection,
+    Model,
+    Reading,
+    Tiling,
+    gather,
+    refuse_unknown,
 )
 from densevision.compat import trusted_checkpoints
-from densevision.engine.distributed import barrier, init_distributed, split_contiguous
-from densevision.engine.reader import ReadGeometry, TileDataset, read_geometry
-from densevision.engine.records import RecordFolder
-from densevision.engine.runner import RunStats, TileRunner, resolve_device
+from densevision.engine.reader import ReadGeometry, TileDataset
+from densevision.engine.runner import RunStats, TileRunner, batch_aligned
+from densevision.engine.workdir import RecordFolder, WorkFolder
 from densevision.errors import ConfigError
-from densevision.io import CocoResultsWriter, GeoJsonWriter, ImageSource, open_image
-from densevision.io.raster import bounded_gdal_cache
+from densevision.io import CocoResultsWriter, GeoJsonWriter, ImageSource
+from densevision.io.atomic import check_output_path, replacing
 from densevision.io.scaling import ValueScale
 from densevision.io.source import resize_region
-from densevision.io.writers._atomic import check_output_path
 from densevision.predictors.base import DetectionPredictor, TileDetections
 from densevision.stitch import DetectionMerger, Detections, merge_detections
 from densevision.stitch.instances import PromptWindow, mask_to_polygons, merge_instance_polygons, prompt_windows
@@ -98,41 +99,6 @@ class _RowRecorder:
             ]
             rec.update(_polygons_wkb(geoms))
         self.work.put(row, rec)
-
-
-def _predict_rows(
-    work: RecordFolder,
-    grid: TileGrid,
-    keep: np.ndarray,
-    rows: tuple[int, int],
-    predictor: DetectionPredictor,
-    geometry: ReadGeometry,
-    with_masks: bool,
-    dataset: TileDataset,
-    runner: TileRunner,
-) -> RunStats | None:
-    """Predict the tile rows ``[a, b)`` not yet in ``work``, committing each row as it finishes. Batches start and
-    end where an uninterrupted single-process run's would, so results are the same to the last bit."""
-    first, end = rows[0] + work.done(rows[0]), rows[1]
-    if first >= end:
-        return None
-    tiles = list(grid)
-    kept = [t for t in tiles if keep[t.index]]
-    lo = next((i for i, t in enumerate(kept) if t.row >= first), len(kept))
-    hi = next((i for i, t in enumerate(kept) if t.row >= end), len(kept))
-    size = runner.batch_size
-    dataset.tiles = kept[lo - lo % size : min(len(kept), -(-hi // size) * size)]
-    recorder = _RowRecorder(work, first, geometry.downsample, with_masks)
-
-    def consume(indexes: list[int], dets: list[TileDetections], valid: np.ndarray) -> None:
-        for i, d in zip(indexes, dets, strict=True):
-            t = tiles[i]
-            if first <= t.row < end:  # the others were only computed to keep the batches aligned
-                recorder.add(t.row, t.index, d, t.x, t.y)
-
-    stats = runner.run(dataset, predictor, consume) if len(dataset) else None
-    recorder.commit_until(end)
-    return stats
 
 
 class _ObjectOutputs:
@@ -214,8 +180,6 @@ def _overview(
     """The detector once over the whole image shrunk to fit one tile; boxes (and outlines) in level-0 pixels. Only
     objects with a side of at least ``min_side`` level-0 pixels are kept: smaller ones fit in the tiles' overlap,
     which see them whole and sharper."""
-    import torch
-
     thumb = src.thumbnail(tile)
     h, w = thumb.valid.shape
     pixels = value_scale(thumb.pixels) if value_scale is not None else thumb.pixels.astype(np.float32)
@@ -304,6 +268,177 @@ def _merge_rows(
     return merger
 
 
+class DetectionTask(Task):
+    """Merged objects of a whole image (boxes, and outlines from masks); see the module doc."""
+
+    empty_note = "no tile has content (all glass or nodata): no objects"
+
+    def __init__(
+        self, settings: Detection, predictor: DetectionPredictor | None = None, sam_predictor: Any = None
+    ) -> None:
+        self.settings = settings.check()
+        self.coco_path = check_output_path(settings.coco_out) if settings.coco_out is not None else None
+        self._predictor = predictor
+        self._built = False
+        self.sam: Any = sam_predictor if settings.masks is not False else None
+        self.with_masks = False  # the detector's own masks outline the objects (known once the predictor is)
+
+    def check_output(self, out: Path) -> None:
+        if out.suffix.lower() not in (".geojson", ".json"):
+            raise ConfigError(f"{out}: detections are written as GeoJSON; name the output *.geojson")
+
+    def predictor(self, model: Model, device: torch.device) -> DetectionPredictor:
+        if self._built and self._predictor is not None:
+            return self._predictor
+        s = self.settings
+        with trusted_checkpoints(model.trust_checkpoint):
+            if self._predictor is None:
+                if model.config is None:
+                    raise ConfigError("detect_objects needs a model: pass a config (-c) or a predictor")
+                from densevision.predictors.mmdet import MMDetPredictor
+
+                self._predictor = MMDetPredictor.from_config(
+                    model.config, model.checkpoint, device=device, cfg_options=model.cfg_options,
+                    score_threshold=s.score_threshold,
+                )  # fmt: skip
+            if self.sam is None and s.sam_checkpoint is not None and s.masks is not False:
+                from densevision.predictors.sam import SamBoxPredictor
+
+                self.sam = SamBoxPredictor.from_checkpoint(s.sam_checkpoint, device=device)
+        if s.masks and self.sam is None and not self._predictor.has_masks:
+            raise ConfigError("the detector has no mask head: give a SAM checkpoint (--sam) to get instance masks")
+        self.with_masks = self._predictor.has_masks and self.sam is None and s.masks is not False
+        self._built = True
+        return self._predictor
+
+    def fingerprint(self, job: Job) -> dict[str, Any]:
+        return {"score_threshold": self.settings.score_threshold, "masks": self.with_masks}
+
+    def work_folder(self, job: Job, root: Path, fingerprint: dict[str, Any], resume: bool) -> RecordFolder:
+        return RecordFolder(root, fingerprint, resume=resume, rows=len(job.grid.ys))
+
+    def predict(
+        self, job: Job, work: WorkFolder, rows: tuple[int, int], dataset: TileDataset, runner: TileRunner
+    ) -> RunStats | None:
+        """Predict the tile rows ``[a, b)`` not yet in ``work``, committing each row as it finishes."""
+        assert isinstance(work, RecordFolder)
+        first, end = rows[0] + work.done(rows[0]), rows[1]
+        if first >= end:
+            return None
+        tiles = list(job.grid)
+        dataset.tiles = batch_aligned([t for t in tiles if job.keep[t.index]], (first, end), runner.batch_size)
+        recorder = _RowRecorder(work, first, job.geometry.downsample, self.with_masks)
+
+        def consume(indexes: list[int], dets: list[TileDetections], valid: np.ndarray) -> None:
+            for i, d in zip(indexes, dets, strict=True):
+                t = tiles[i]
+                if first <= t.row < end:  # the others were only computed to keep the batches aligned
+                    recorder.add(t.row, t.index, d, t.x, t.y)
+
+        stats = runner.run(dataset, self.predictor(job.model, job.device), consume) if len(dataset) else None
+        recorder.commit_until(end)
+        return stats
+
+    def finish(self, job: Job, work: WorkFolder) -> dict[str, Any]:
+        """Merge the committed rows into objects and write them (GeoJSON, COCO results, the preview)."""
+        assert isinstance(work, RecordFolder)
+        src, grid, geometry, s = job.src, job.grid, job.geometry, self.settings
+        predictor = self.predictor(job.model, job.device)
+        names, with_masks, merge_options = list(predictor.class_names), self.with_masks, s.merge_options
+        merge_started = time.perf_counter()
+        overview_count = None
+        thumb = job.thumb
+        preview = Image.fromarray(stretch_for_display(thumb.pixels).astype(np.uint8))
+        preview_scale = (1 / thumb.downsample[0], 1 / thumb.downsample[1])
+        transform = src.transform if src.backend == "rasterio" else None
+        native_crs = s.native_crs and src.crs is not None
+        geojson = GeoJsonWriter(
+            job.out, transform=transform, crs=src.crs if transform is not None else None, native_crs=native_crs
+        )
+        coco = CocoResultsWriter(self.coco_path) if self.coco_path is not None else None
+        outputs = _ObjectOutputs(src, geojson, coco, names, predictor.palette, preview, preview_scale)
+        sam_seconds, sam_windows = 0.0, 0
+        try:
+            if self.sam is None and not s.overview:
+                # Stream: each finished object is written as soon as the merger lets it go.
+                def emit(dets: Detections, polygons: dict[int, shapely.Geometry]) -> None:
+                    for k in range(len(dets)):
+                        geom = _united(polygons, dets.sources(k)) if with_masks else None
+                        outputs.add(
+                            dets.boxes[k], dets.scores[k], int(dets.labels[k]), bool(dets.partial[k]),
+                            len(dets.sources(k)), geom,
+                        )  # fmt: skip
+
+                merger = _merge_rows(work, grid, job.keep, geometry.downsample, with_masks, merge_options, emit)
+            else:
+                # Collect the (small) merged boxes: the overview joins them, and SAM needs them all to place windows.
+                found: list[Detections] = []
+                geoms: list[shapely.Geometry] = []
+
+                def collect(dets: Detections, polygons: dict[int, shapely.Geometry]) -> None:
+                    found.append(dets)
+                    if with_masks:
+                        geoms.extend(_united(polygons, dets.sources(k)) for k in range(len(dets)))
+
+                merger = _merge_rows(work, grid, job.keep, geometry.downsample, with_masks, merge_options, collect)
+                objects = Detections.concatenate(found)
+                polygons: dict[int, shapely.Geometry] = {}
+                if s.overview:
+                    ov, ov_geoms = _overview(
+                        src, predictor, grid.tile, grid.overlap * geometry.downsample, job.value_scale, with_masks
+                    )
+                    overview_count = len(ov)
+                    objects, polygons = _join_overview(objects, geoms, ov, ov_geoms, src.size, merge_options)
+                if self.sam is None:
+                    for k in range(len(objects)):
+                        geom = _united(polygons, objects.sources(k)) if with_masks else None
+                        outputs.add(
+                            objects.boxes[k], objects.scores[k], int(objects.labels[k]), bool(objects.partial[k]),
+                            len(objects.sources(k)), geom,
+                        )  # fmt: skip
+                else:
+                    sam_started = time.perf_counter()
+                    sam_windows = _prompt_sam(src, geometry, grid, job.value_scale, objects, self.sam, outputs)
+                    sam_seconds = time.perf_counter() - sam_started
+            geojson.close()
+            if coco is not None:
+                coco.close()
+        except BaseException:
+            geojson.abort()
+            if coco is not None:
+                coco.abort()
+            raise
+        merge_seconds = time.perf_counter() - merge_started - sam_seconds
+        preview_path = job.beside(".preview.png")
+        with replacing(preview_path) as tmp:
+            preview.save(tmp, format="PNG")
+        area = area_per_pixel(src, 1.0)
+        coordinates = (
+            "level-0 pixels (QuPath)" if transform is None
+            else str(src.crs) if native_crs else "EPSG:4326 (longitude, latitude)"
+        )  # fmt: skip
+        return {
+            "outputs": {
+                "coco": str(self.coco_path) if self.coco_path else None, "preview": str(preview_path),
+                "coordinates": coordinates,
+            },
+            "model": {
+                "masks": "sam" if self.sam is not None else "detector" if with_masks else None,
+                "sam_checkpoint": os.fspath(s.sam_checkpoint) if s.sam_checkpoint else None,
+            },
+            "settings": {"score_threshold": s.score_threshold, **merge_options, "overview": s.overview},
+            "results": {
+                "detections": {
+                    "raw": merger.added, "overview": overview_count, "objects": outputs.count,
+                    "partial": outputs.partial, "max_held": merger.max_held,
+                },
+                "classes": [{"index": i, "name": n, "count": int(outputs.counts[i])} for i, n in enumerate(names)],
+                "pixel_area": {"value": area[0], "unit": area[1]} if area else None,
+            },
+            "timings": {"seconds_merging": merge_seconds, "seconds_sam": sam_seconds, "sam_windows": sam_windows},
+        }  # fmt: skip
+
+
 def detect_objects(
     image: str | os.PathLike[str],
     config: str | os.PathLike[str] | None = None,
@@ -311,32 +446,14 @@ def detect_objects(
     *,
     out: str | os.PathLike[str],
     predictor: DetectionPredictor | None = None,
-    tile: int = 1024,
-    overlap: int = 128,
-    batch_size: int = 2,
-    level: int | None = None,
-    mpp: float | None = None,
-    bands: list[int] | None = None,
-    value_range: tuple[float, float] | None = None,
-    device: str = "auto",
-    amp: bool = False,
-    workers: int = 2,
-    score_threshold: float = 0.3,
-    merge: str = "nmm",
-    match: str = "ios",
-    match_threshold: float = 0.5,
-    class_agnostic: bool = False,
-    skip_empty: bool = True,
-    coco_out: str | os.PathLike[str] | None = None,
-    native_crs: bool = False,
-    cfg_options: dict[str, Any] | None = None,
-    trust_checkpoint: bool = False,
-    resume: bool = False,
-    progress: bool = True,
-    masks: bool | None = None,
-    overview: bool = False,
-    sam_checkpoint: str | os.PathLike[str] | None = None,
     sam_predictor: Any = None,
+    model: Model | None = None,
+    tiling: Tiling | None = None,
+    reading: Reading | None = None,
+    compute: Compute | None = None,
+    detection: Detection | None = None,
+    resume: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """Detect objects over a whole image tile by tile and write the merged objects as GeoJSON.
 
@@ -349,199 +466,27 @@ def detect_objects(
     ``overview``: one more pass of the detector over the whole image shrunk to one tile, whose detections are
     merged with the tiles' (for objects larger than the overlap; its boxes are as coarse as its resolution).
 
-    Give ``config`` (+ ``checkpoint``) for an mmdet detector, or a ready ``predictor``. ``masks``: None (default)
-    outlines objects with the detector's own masks when it has a mask head, else with their boxes; False: boxes
-    only; True: masks or an error. With ``sam_checkpoint`` / ``sam_predictor``, SAM prompted with the merged boxes
-    gives the masks (see :func:`segment_instances`).
+    Give ``config`` (a path or a shipped config's name) + ``checkpoint`` for an mmdet detector, or a ready
+    ``predictor``. ``masks``: None (default) outlines objects with the detector's own masks when it has a mask
+    head, else with their boxes; False: boxes only; True: masks or an error. With ``sam_checkpoint`` /
+    ``sam_predictor``, SAM prompted with the merged boxes gives the masks (see :func:`segment_instances`).
+
+    Settings come in groups (:mod:`densevision.apis.settings`: ``tiling``, ``reading``, ``compute``,
+    ``detection``), or as keywords naming their fields: ``tile=1024, overlap=128, batch_size=2,
+    score_threshold=0.3, merge="nmm", match="ios", match_threshold=0.5, class_agnostic=False, overview=False,
+    masks=None, sam_checkpoint=None, coco_out=None, native_crs=False`` and the reading / compute ones of
+    :func:`~densevision.apis.segment.segment_image`.
 
     Returns:
         The run summary (also written as JSON).
     """
-    started = time.perf_counter()
-    out_path = check_output_path(out)
-    if out_path.suffix.lower() not in (".geojson", ".json"):
-        raise ConfigError(f"{out_path}: detections are written as GeoJSON; name the output *.geojson")
-    coco_path = check_output_path(coco_out) if coco_out is not None else None
-    stem = out_path.with_suffix("")
-    dev = resolve_device(device)
-    rank, world = init_distributed(dev)
-    merge_options: dict[str, Any] = {
-        "method": merge,
-        "match": match,
-        "threshold": match_threshold,
-        "class_agnostic": class_agnostic,
-    }
-    DetectionMerger(TileGrid(1, 1, 1), **merge_options)  # check the options before the slow parts
-
-    with open_image(image, bands=bands) as src, bounded_gdal_cache():
-        geometry = read_geometry(src, level=level, mpp=mpp)
-        if predictor is None:
-            if config is None:
-                raise ConfigError("detect_objects needs a model: pass a config (-c) or a predictor")
-            from densevision.predictors.mmdet import MMDetPredictor
-
-            with trusted_checkpoints(trust_checkpoint):
-                predictor = MMDetPredictor.from_config(
-                    config, checkpoint, device=dev, cfg_options=cfg_options, score_threshold=score_threshold
-                )
-        if masks is False:
-            sam_predictor = sam_checkpoint = None
-        if sam_predictor is None and sam_checkpoint is not None:
-            from densevision.predictors.sam import SamBoxPredictor
-
-            with trusted_checkpoints(trust_checkpoint):
-                sam_predictor = SamBoxPredictor.from_checkpoint(sam_checkpoint, device=dev)
-        if masks and sam_predictor is None and not predictor.has_masks:
-            raise ConfigError("the detector has no mask head: give a SAM checkpoint (--sam) to get instance masks")
-        width, height = working_size(src, geometry, mpp)
-        grid = TileGrid(width, height, tile, overlap, divisor=predictor.size_divisor)
-        thumb = src.thumbnail(PREVIEW_SIZE)
-        value_scale = value_scale_for(src, thumb, value_range)
-        keep = tiles_to_run(src, grid, thumb, geometry, skip_empty)
-        names = list(predictor.class_names)
-        with_masks = predictor.has_masks and sam_predictor is None and masks is not False
-        fingerprint = {
-            "input": str(Path(src.path).resolve()), "input_size": list(src.size), "output_size": [width, height],
-            "config": os.fspath(config) if config else None,
-            "checkpoint": os.fspath(checkpoint) if checkpoint else None, "classes": names,
-            "tile": tile, "overlap": overlap, "batch_size": batch_size, "level": geometry.level, "mpp": mpp,
-            "bands": bands, "skip_empty": skip_empty, "score_threshold": score_threshold, "masks": with_masks,
-            "value_scale": [value_scale.lo, value_scale.hi] if value_scale else None,
-        }  # fmt: skip
-        work_dir = out_path.with_name(out_path.name + ".partial.d")
-        work = RecordFolder(work_dir, fingerprint, resume=resume, kind="row") if rank == 0 else None
-        barrier(world)
-        work = work or RecordFolder(work_dir, fingerprint, resume=True, kind="row")
-        rows_before = work.done()
-        kept_rows = np.bincount([t.row for t in grid if keep[t.index]], minlength=len(grid.ys))
-        share = split_contiguous(kept_rows, world)
-        stats = _predict_rows(
-            work, grid, keep, share[rank], predictor, geometry, with_masks,
-            TileDataset(src.path, [], geometry, {"bands": bands}, value_scale),
-            TileRunner(batch_size=batch_size, workers=workers, device=dev, amp=amp, progress=progress and rank == 0),
-        )  # fmt: skip
-        barrier(world)
-        if rank != 0:
-            return {"rank": rank, "rows": list(share[rank]), "timings": stats.as_dict() if stats else {}}
-        if work.done() != len(grid.ys):
-            raise ConfigError(
-                f"{work.root}: only {work.done()} of {len(grid.ys)} rows are finished; rerun with --resume"
-            )
-
-        merge_started = time.perf_counter()
-        overview_count = None
-        preview = Image.fromarray(stretch_for_display(thumb.pixels).astype(np.uint8))
-        preview_scale = (1 / thumb.downsample[0], 1 / thumb.downsample[1])
-        transform = src.transform if src.backend == "rasterio" else None
-        geojson = GeoJsonWriter(
-            out_path, transform=transform, crs=src.crs if transform is not None else None,
-            native_crs=native_crs and src.crs is not None,
-        )  # fmt: skip
-        coco = CocoResultsWriter(coco_path) if coco_path is not None else None
-        outputs = _ObjectOutputs(src, geojson, coco, names, predictor.palette, preview, preview_scale)
-        sam_seconds, sam_windows = 0.0, 0
-        try:
-            if sam_predictor is None and not overview:
-                # Stream: each finished object is written as soon as the merger lets it go.
-                def emit(dets: Detections, polygons: dict[int, shapely.Geometry]) -> None:
-                    for k in range(len(dets)):
-                        geom = _united(polygons, dets.sources(k)) if with_masks else None
-                        outputs.add(
-                            dets.boxes[k], dets.scores[k], int(dets.labels[k]), bool(dets.partial[k]),
-                            len(dets.sources(k)), geom,
-                        )  # fmt: skip
-
-                merger = _merge_rows(work, grid, keep, geometry.downsample, with_masks, merge_options, emit)
-            else:
-                # Collect the (small) merged boxes: the overview joins them, and SAM needs them all to place windows.
-                found: list[Detections] = []
-                geoms: list[shapely.Geometry] = []
-
-                def collect(dets: Detections, polygons: dict[int, shapely.Geometry]) -> None:
-                    found.append(dets)
-                    if with_masks:
-                        geoms.extend(_united(polygons, dets.sources(k)) for k in range(len(dets)))
-
-                merger = _merge_rows(work, grid, keep, geometry.downsample, with_masks, merge_options, collect)
-                objects = Detections.concatenate(found)
-                polygons: dict[int, shapely.Geometry] = {}
-                if overview:
-                    ov, ov_geoms = _overview(
-                        src, predictor, tile, overlap * geometry.downsample, value_scale, with_masks
-                    )
-                    overview_count = len(ov)
-                    objects, polygons = _join_overview(objects, geoms, ov, ov_geoms, src.size, merge_options)
-                if sam_predictor is None:
-                    for k in range(len(objects)):
-                        geom = _united(polygons, objects.sources(k)) if with_masks else None
-                        outputs.add(
-                            objects.boxes[k], objects.scores[k], int(objects.labels[k]), bool(objects.partial[k]),
-                            len(objects.sources(k)), geom,
-                        )  # fmt: skip
-                else:
-                    sam_started = time.perf_counter()
-                    sam_windows = _prompt_sam(src, geometry, grid, value_scale, objects, sam_predictor, outputs)
-                    sam_seconds = time.perf_counter() - sam_started
-            geojson.close()
-            if coco is not None:
-                coco.close()
-        except BaseException:
-            geojson.abort()
-            if coco is not None:
-                coco.abort()
-            raise
-        merge_seconds = time.perf_counter() - merge_started - sam_seconds
-        work.remove()
-        preview_path = stem.with_name(stem.name + ".preview.png")
-        tmp = preview_path.with_name(preview_path.name + ".partial")
-        preview.save(tmp, format="PNG")
-        os.replace(tmp, preview_path)
-        area = area_per_pixel(src, 1.0)
-        source_facts = src.describe()
-
-    summary: dict[str, Any] = {
-        "input": source_facts,
-        "output": str(out_path),
-        "coco": str(coco_path) if coco_path else None,
-        "preview": str(preview_path),
-        "coordinates": (
-            "level-0 pixels (QuPath)" if transform is None
-            else str(src.crs) if native_crs and src.crs is not None else "EPSG:4326 (longitude, latitude)"
-        ),
-        "model": {
-            "config": os.fspath(config) if config else None,
-            "checkpoint": os.fspath(checkpoint) if checkpoint else None,
-            "classes": names, "masks": "sam" if sam_predictor is not None else "detector" if with_masks else None,
-            "sam_checkpoint": os.fspath(sam_checkpoint) if sam_checkpoint else None,
-        },
-        "settings": {
-            "tile": tile, "overlap": overlap, "batch_size": batch_size, "level": geometry.level, "mpp": mpp,
-            "downsample": geometry.downsample, "device": str(dev), "amp": amp, "workers": workers,
-            "world_size": world, "skip_empty": skip_empty, "score_threshold": score_threshold, **merge_options,
-            "overview": overview,
-            "value_scale": {"lo": list(value_scale.lo), "hi": list(value_scale.hi)} if value_scale else None,
-        },
-        "tiles": {"total": len(grid), "done": int(keep.sum()), "skipped": int((~keep).sum())},
-        "resumed": {"rows_already_done": rows_before, "rows": len(grid.ys)} if resume else None,
-        "detections": {
-            "raw": merger.added, "overview": overview_count, "objects": outputs.count, "partial": outputs.partial,
-            "max_held": merger.max_held,
-        },
-        "classes": [{"index": i, "name": n, "count": int(outputs.counts[i])} for i, n in enumerate(names)],
-        "pixel_area": {"value": area[0], "unit": area[1]} if area else None,
-        "timings": {
-            **(stats.as_dict() if stats else {}), "seconds_merging": merge_seconds,
-            "seconds_sam": sam_seconds, "sam_windows": sam_windows,
-            "seconds_wall": time.perf_counter() - started,
-        },
-        "versions": versions(),
-    }  # fmt: skip
-    if not keep.any():
-        summary["note"] = "no tile has content (all glass or nodata): no objects"
-    summary_path = stem.with_name(stem.name + ".summary.json")
-    summary["summary"] = str(summary_path)
-    write_json(summary_path, summary)
-    return summary
+    model = gather(model, Model(config, checkpoint), options)
+    tiling = gather(tiling, DETECTION_TILING, options)
+    reading = gather(reading, Reading(), options)
+    compute = gather(compute, Compute(), options)
+    task = DetectionTask(gather(detection, Detection(), options), predictor, sam_predictor)
+    refuse_unknown(options, "detect_objects")
+    return run_job(image, out, task, model=model, tiling=tiling, reading=reading, compute=compute, resume=resume)
 
 
 def _window_rgb(

@@ -1,6 +1,6 @@
-"""The ``densevision`` command: :mod:`densevision.cli.main` (parser, info / segment / detect / instances / demo) and
+"""The ``densevision`` command: :mod:`densevision.cli.commands` (parser, info / segment / detect / instances / demo) and
 :mod:`densevision.cli.train` (train / test, shared with ``tools/train.py`` and ``tools/test.py``)."""
 
-from densevision.cli.main import main
+from densevision.cli.commands import main
 
 __all__ = ["main"]

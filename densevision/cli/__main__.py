@@ -1,5 +1,5 @@
 import sys
 
-from densevision.cli.main import main
+from densevision.cli.commands import main
 
 sys.exit(main())

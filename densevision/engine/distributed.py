@@ -1,7 +1,7 @@
-"""Running one image on several processes (``torchrun``): each rank predicts a contiguous share of the bands.
+"""Running one image on several processes (``torchrun``): each rank predicts a contiguous share of the tile rows.
 
-Bands are independent once their tile rows are known (see ``BandStore``), so ranks need no exchange of
-predictions: each commits its bands to the shared work folder, and rank 0 assembles the outputs.
+Rows of the output are independent once their tile rows are known (see :mod:`densevision.engine.workdir`), so ranks
+need no exchange of predictions: each commits its rows to the shared work folder, and rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -35,6 +35,6 @@ def split_contiguous(weights: np.ndarray, parts: int) -> list[tuple[int, int]]:
     """Split ``range(len(weights))`` into ``parts`` contiguous ``[a, b)`` ranges of about equal total weight
     (each cut where the running total crosses ``i / parts`` of the sum)."""
     n = len(weights)
-    total = np.cumsum(np.asarray(weights, dtype=np.float64) + 1e-9)  # +eps: empty bands still get spread
+    total = np.cumsum(np.asarray(weights, dtype=np.float64) + 1e-9)  # +eps: empty rows still get spread
     cuts = [0] + [int(np.searchsorted(total, total[-1] * i / parts)) for i in range(1, parts)] + [n]
     return [(cuts[i], max(cuts[i], cuts[i + 1])) for i in range(parts)]

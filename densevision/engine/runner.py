@@ -7,7 +7,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from densevision.engine.heap import bound_heap_growth
 from densevision.engine.reader import TileDataset, tile_loader
+from densevision.tiling.grid import Tile
 
 # (tile indexes, the predictor's output for the batch on the host, valid B x T x T) -> None. Segmentation
 # predictors give logits B x K x T x T (a tensor, handed on as a float32 array); detection predictors give one
@@ -32,6 +33,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         # Under torchrun each rank takes its own GPU.
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device(device)
+
+
+def batch_aligned(order: Sequence[Tile], rows: tuple[int, int], batch_size: int) -> list[Tile]:
+    """The tiles to predict for tile rows ``[a, b)``: those of ``order`` (the tiles an uninterrupted run predicts,
+    in its order) from the first in row ``a`` or later to the last in a row before ``b``, widened to the batches
+    of ``batch_size`` that the uninterrupted run would form. Every tile is then predicted in the same company as in
+    that run (batched kernels may round differently with other batch neighbours): resumed runs and ranks give the
+    same bits. The caller ignores the widened tiles' predictions."""
+    a, b = rows
+    lo = next((i for i, t in enumerate(order) if t.row >= a), len(order))
+    hi = max((i + 1 for i, t in enumerate(order) if t.row < b), default=0)
+    return list(order[lo - lo % batch_size : min(len(order), -(-hi // batch_size) * batch_size)])
 
 
 @dataclass

@@ -1,10 +1,11 @@
-"""The crash-safe work directory of a run: finished bands of output are committed one file each, so a killed run
-can be resumed where it stopped and still give the same bytes.
+"""The crash-safe work folder of a run: what is committed survives a kill, so ``--resume`` redoes only the rest and
+still gives the same bytes.
 
-Layout of ``<out>.partial.d/``: ``run.json`` (what the run was started with: a resume must match it) and
-``band-NNNNNN.npz`` per finished band of blocks (see :class:`BandStore`), written block by block to
-``band-NNNNNN.npz.partial`` and renamed once its last block is in: a band file that exists is complete. Bands finish
-in order, so the done record is the count of leading band files.
+Layout of ``<out>.partial.d/``: ``run.json`` (what the run was started with: a resume must match it) and one file per
+finished row, ``<kind>-NNNNNN.npz``, written under a temporary name and renamed once complete: a row file that
+exists is complete. Rows are committed in order within a process's share, so what a share has done is the count of
+its leading row files. Two layouts: :class:`BlockFolder` (segmentation: a block row of the output per file, written
+block by block) and :class:`RecordFolder` (detection: one record of arrays per tile row).
 """
 
 from __future__ import annotations
@@ -22,35 +23,17 @@ from typing import Any
 import numpy as np
 
 from densevision.errors import ConfigError, InvalidRegionError
+from densevision.io.atomic import replacing, write_json
 
 
-class BandStore:
-    """Finished blocks of one run's output, on disk, one ``.npz`` per band.
+class WorkFolder:
+    """``rows`` numbered row files of one run in ``root``, with the run's ``fingerprint``: an existing folder is
+    continued only with ``resume=True`` and the same fingerprint."""
 
-    The output is cut into blocks by ``rows`` and ``cols`` (edges from 0 to the height / width; e.g. the grid's,
-    :func:`densevision.stitch.segmentation.block_edges`): band ``k`` is rows ``[rows[k], rows[k + 1])``, block
-    ``(k, c)`` its columns ``[cols[c], cols[c + 1])``. :meth:`put` appends a block to its band's file, compressed as
-    it comes; the band is committed (renamed into place) when its last block is in. Memory: the block being
-    compressed, never a whole band.
+    kind = "row"
 
-    ``fingerprint`` is what the run was started with: an existing folder is continued only with ``resume=True`` and
-    the same fingerprint.
-    """
-
-    def __init__(
-        self,
-        root: Path,
-        fingerprint: dict[str, Any],
-        *,
-        resume: bool,
-        rows: Sequence[int],
-        cols: Sequence[int],
-    ) -> None:
-        for edges, what in ((rows, "row"), (cols, "column")):
-            if len(edges) < 2 or edges[0] != 0 or any(b <= a for a, b in itertools.pairwise(edges)):
-                raise ConfigError(f"{what} edges of the work folder's blocks must increase from 0, got {edges[:8]}")
-        self.root = root
-        self.rows, self.cols = list(rows), list(cols)
+    def __init__(self, root: Path, fingerprint: dict[str, Any], *, resume: bool, rows: int) -> None:
+        self.root, self.rows = root, rows
         meta = root / "run.json"
         expected = json.loads(json.dumps(fingerprint))  # normalise tuples etc. as the file holds them
         if root.exists():
@@ -70,42 +53,91 @@ class BandStore:
                 )
         else:
             root.mkdir()
-            tmp = meta.with_name("run.json.tmp")
-            tmp.write_text(json.dumps(expected, indent=2))
-            os.replace(tmp, meta)
-        self._open: dict[int, tuple[zipfile.ZipFile, set[int]]] = {}  # band -> (its temporary file, blocks in)
+            write_json(meta, expected)
 
-    @property
-    def bands(self) -> int:
-        return len(self.rows) - 1
+    def path(self, k: int) -> Path:
+        return self.root / f"{self.kind}-{k:06d}.npz"
 
-    def _path(self, k: int) -> Path:
-        return self.root / f"band-{k:06d}.npz"
+    def partial(self, k: int) -> Path:
+        return self.root / f"{self.kind}-{k:06d}.npz.partial"
 
     def done(self, start: int = 0) -> int:
-        """How many consecutive bands from band ``start`` on are finished."""
+        """How many consecutive rows from row ``start`` on are finished."""
         k = start
-        while k < self.bands and self._path(k).is_file():
+        while k < self.rows and self.path(k).is_file():
             k += 1
         return k - start
 
+    def close(self) -> None:
+        """Let go of rows not complete (an interrupted run: they are redone on resume)."""
+
+    def remove(self) -> None:
+        self.close()
+        shutil.rmtree(self.root)
+
+
+class RecordFolder(WorkFolder):
+    """One record of arrays per tile row (e.g. the row's raw detections)."""
+
+    def put(self, k: int, arrays: dict[str, np.ndarray]) -> None:
+        """Commit row ``k``'s record."""
+        with replacing(self.path(k)) as tmp, tmp.open("wb") as f:
+            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
+
+    def get(self, k: int) -> dict[str, np.ndarray]:
+        """Row ``k``'s arrays, read into memory."""
+        with np.load(self.path(k)) as f:
+            return {name: f[name] for name in f.files}
+
+
+class BlockFolder(WorkFolder):
+    """Finished blocks of one run's output, one file per block row.
+
+    The output is cut into blocks by the edges ``rows`` and ``cols`` (from 0 to the height / width; e.g. the grid's,
+    :func:`densevision.stitch.segmentation.block_edges`): block row ``k`` is rows ``[rows[k], rows[k + 1])``, block
+    ``(k, c)`` its columns ``[cols[c], cols[c + 1])``. :meth:`put` appends a block to its row's file, compressed as
+    it comes; the row is committed (renamed into place) when its last block is in. Memory: the block being
+    compressed, never a whole block row.
+    """
+
+    kind = "blocks"
+
+    def __init__(
+        self,
+        root: Path,
+        fingerprint: dict[str, Any],
+        *,
+        resume: bool,
+        rows: Sequence[int],
+        cols: Sequence[int],
+    ) -> None:
+        for edges, what in ((rows, "row"), (cols, "column")):
+            if len(edges) < 2 or edges[0] != 0 or any(b <= a for a, b in itertools.pairwise(edges)):
+                raise ConfigError(f"{what} edges of the work folder's blocks must increase from 0, got {edges[:8]}")
+        super().__init__(root, fingerprint, resume=resume, rows=len(rows) - 1)
+        self.row_edges, self.col_edges = list(rows), list(cols)
+        self._open: dict[int, tuple[zipfile.ZipFile, set[int]]] = {}  # block row -> (its temporary file, blocks in)
+
     def put(self, y0: int, x0: int, classes: np.ndarray, probs: np.ndarray | None = None) -> None:
-        """Add the block at ``(x0, y0)``: ``classes`` ``h x w``, ``probs`` ``h x w x C`` or None. Commits its band
-        when this was the band's last block."""
-        k, c = bisect.bisect_right(self.rows, y0) - 1, bisect.bisect_right(self.cols, x0) - 1
-        if not (0 <= k < self.bands and 0 <= c < len(self.cols) - 1) or (y0, x0) != (self.rows[k], self.cols[c]):
+        """Add the block at ``(x0, y0)``: ``classes`` ``h x w``, ``probs`` ``h x w x C`` or None. Commits its block
+        row when this was the row's last block."""
+        rows, cols = self.row_edges, self.col_edges
+        k, c = bisect.bisect_right(rows, y0) - 1, bisect.bisect_right(cols, x0) - 1
+        if not (0 <= k < self.rows and 0 <= c < len(cols) - 1) or (y0, x0) != (rows[k], cols[c]):
             raise InvalidRegionError(f"{self.root}: ({x0}, {y0}) is not the corner of a block of the work folder")
-        shape = (self.rows[k + 1] - y0, self.cols[c + 1] - x0)
+        shape = (rows[k + 1] - y0, cols[c + 1] - x0)
         if classes.shape != shape or (probs is not None and probs.shape[:2] != shape):
             raise InvalidRegionError(
                 f"{self.root}: block ({k}, {c}) is {shape[1]} x {shape[0]} pixels, got arrays of shape "
                 f"{classes.shape}" + (f" and {probs.shape}" if probs is not None else "")
             )
         if k not in self._open:
-            if self._path(k).is_file():
-                raise InvalidRegionError(f"{self.root}: block ({k}, {c}) was put twice: band {k} is committed already")
+            if self.path(k).is_file():
+                raise InvalidRegionError(
+                    f"{self.root}: block ({k}, {c}) was put twice: block row {k} is committed already"
+                )
             # Level 1: the work folder is read once and deleted; class maps compress well at any level.
-            zf = zipfile.ZipFile(self._tmp(k), "w", zipfile.ZIP_DEFLATED, compresslevel=1)
+            zf = zipfile.ZipFile(self.partial(k), "w", zipfile.ZIP_DEFLATED, compresslevel=1)
             self._open[k] = (zf, set())
         zf, blocks = self._open[k]
         if c in blocks:
@@ -115,16 +147,12 @@ class BandStore:
         for name, a in arrays.items():
             with zf.open(name + ".npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
-        if len(blocks) == len(self.cols) - 1:
+        if len(blocks) == len(cols) - 1:
             del self._open[k]
             zf.close()
-            os.replace(self._tmp(k), self._path(k))
-
-    def _tmp(self, k: int) -> Path:
-        return self.root / f"band-{k:06d}.npz.partial"
+            os.replace(self.partial(k), self.path(k))
 
     def close(self) -> None:
-        """Close the files of bands not complete (an interrupted run: they are redone on resume)."""
         for zf, _ in self._open.values():
             zf.close()
         self._open.clear()
@@ -132,15 +160,11 @@ class BandStore:
     def blocks(
         self, columns: tuple[int, int] | None = None
     ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray | None]]:
-        """``(y0, x0, classes, probs)`` of the blocks of every finished band, band by band top to bottom, left to
+        """``(y0, x0, classes, probs)`` of the blocks of every finished block row, top to bottom, left to
         right, only those of block columns ``[a, b)`` with ``columns=(a, b)``; one block in memory at a time."""
-        a, b = columns if columns is not None else (0, len(self.cols) - 1)
+        a, b = columns if columns is not None else (0, len(self.col_edges) - 1)
         for k in range(self.done()):
-            with np.load(self._path(k)) as f:
+            with np.load(self.path(k)) as f:
                 for c in range(a, b):
                     probs = f.get(f"probs-{c:06d}")
-                    yield self.rows[k], self.cols[c], f[f"classes-{c:06d}"], probs
-
-    def remove(self) -> None:
-        self.close()
-        shutil.rmtree(self.root)
+                    yield self.row_edges[k], self.col_edges[c], f[f"classes-{c:06d}"], probs

@@ -8,10 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from densevision.compat import patch_mmengine
-from densevision.errors import CheckpointError, ConfigError
+from densevision.errors import ConfigError
 from densevision.predictors.base import TileDetections, class_palette
-from densevision.predictors.weights import load_weights
+from densevision.predictors.build import build_model
 
 
 def _num_classes(model: Any) -> int | None:
@@ -68,32 +67,10 @@ class MMDetPredictor:
         cfg_options: dict[str, Any] | None = None,
         score_threshold: float = 0.3,
     ) -> MMDetPredictor:
-        """Build the detector from an mmdet config file and load the checkpoint (strict, through the safe loader).
-        Class names come from the checkpoint's ``dataset_meta``; without one, from the config's dataset."""
-        import warnings
-
-        from mmdet.apis import init_detector
-        from mmengine.config import Config
-
-        if not os.path.isfile(config):
-            raise ConfigError(f"{config}: no such config file; pass an mmdetection config with -c")
-        if checkpoint is not None and not os.path.isfile(checkpoint):
-            raise CheckpointError(f"{checkpoint}: no such checkpoint file; check the -w path")
-        patch_mmengine()
-        cfg = Config.fromfile(os.fspath(config))
-        if cfg_options:
-            cfg.merge_from_dict(cfg_options)
-        with warnings.catch_warnings(record=True):  # "checkpoint is None": we load it ourselves, strictly
-            model = init_detector(cfg, None, device="cpu")
-        meta: dict[str, Any] = {}
-        if checkpoint is not None:
-            meta = load_weights(model, checkpoint)
-        else:  # the config's initialisation, as training starts (init_detector leaves some tensors uninitialised)
-            model.init_weights()
-        if not meta.get("classes"):
-            dataset = (cfg.get("test_dataloader") or {}).get("dataset") or {}
-            meta = dict(dataset.get("metainfo") or {}) if isinstance(dataset, dict) else {}
-        model.dataset_meta = meta
+        """Build the detector from an mmdet config (a path or a shipped config's name) and load the checkpoint
+        (strict, through the safe loader); see :func:`densevision.predictors.build.build_model`. Class names come
+        from the checkpoint's ``dataset_meta``; without one, from the config."""
+        model = build_model(config, checkpoint, scope="mmdet", cfg_options=cfg_options)
         return cls(model.to(device), score_threshold=score_threshold)
 
     @torch.no_grad()

@@ -7,10 +7,9 @@ from typing import Any
 
 import torch
 
-from densevision.compat import patch_mmengine
-from densevision.errors import CheckpointError, ConfigError
+from densevision.errors import ConfigError
 from densevision.predictors.base import class_palette
-from densevision.predictors.weights import load_weights
+from densevision.predictors.build import build_model
 
 
 class MMSegPredictor:
@@ -43,23 +42,9 @@ class MMSegPredictor:
         device: str | torch.device = "cpu",
         cfg_options: dict[str, Any] | None = None,
     ) -> MMSegPredictor:
-        """Build the model from an mmseg config file and load the checkpoint (strict, through the safe loader)."""
-        from mmengine.config import Config
-        from mmseg.apis import init_model
-
-        if not os.path.isfile(config):
-            raise ConfigError(f"{config}: no such config file; pass an mmsegmentation config with -c")
-        if checkpoint is not None and not os.path.isfile(checkpoint):
-            raise CheckpointError(f"{checkpoint}: no such checkpoint file; check the -w path")
-        patch_mmengine()
-        cfg = Config.fromfile(os.fspath(config))
-        if cfg_options:
-            cfg.merge_from_dict(cfg_options)
-        model = init_model(cfg, None, device="cpu")
-        if checkpoint is not None:
-            model.dataset_meta = load_weights(model, checkpoint) or None
-        else:  # the config's initialisation, as training starts (init_model leaves some tensors uninitialised)
-            model.init_weights()
+        """Build the model from an mmseg config (a path or a shipped config's name) and load the checkpoint
+        (strict, through the safe loader); see :func:`densevision.predictors.build.build_model`."""
+        model = build_model(config, checkpoint, scope="mmseg", cfg_options=cfg_options)
         return cls(model.to(device))
 
     @torch.no_grad()

@@ -16,7 +16,6 @@ from densevision.stitch.segmentation import (
     ClassMapSink,
     SegmentationStitcher,
     WindowWriter,
-    band_edges,
     class_map,
     probabilities,
 )
@@ -31,7 +30,6 @@ __all__ = [
     "PromptWindow",
     "SegmentationStitcher",
     "WindowWriter",
-    "band_edges",
     "blend_window",
     "check_blend",
     "class_map",

@@ -44,21 +44,16 @@ from densevision.tiling.grid import Tile, TileGrid, axis_bounds
 BlockSink = Callable[[int, int, np.ndarray, np.ndarray], None]
 
 
-def band_edges(grid: TileGrid) -> list[int]:
-    """Row bounds of the grid's bands: band ``k`` is the rows ``[ys[k], ys[k + 1])`` (the last ``[ys[-1], H)``),
-    the rows whose last contributing tile row is ``k``: final once tile rows ``0..k`` are in."""
-    return [*grid.ys, grid.height]
-
-
 def block_edges(grid: TileGrid, blend: str) -> tuple[list[int], list[int]]:
     """Row and column bounds of the grid's blocks, block ``(k, c)`` being final once the tiles up to ``(k, c)`` in
     :func:`stitch_order` are in (no later tile reaches it): rows ``[ys[k], ys[k + 1])`` x columns ``[xs[c],
     xs[c + 1])`` (the last ones up to the height / width), or under the ``crop`` blend tile ``(k, c)``'s owned
-    region, so that each of the stitcher's cells lies in one block. Block row ``k`` is band ``k``."""
+    region, so that each of the stitcher's cells lies in one block. Block row ``k`` holds the rows whose last
+    contributing tile row is ``k``: final once tile rows ``0..k`` are in."""
     if check_blend(blend) == "crop":
         ys, xs = axis_bounds(grid.ys, grid.tile, grid.height), axis_bounds(grid.xs, grid.tile, grid.width)
         return [0, *(b for _, b in ys)], [0, *(b for _, b in xs)]
-    return band_edges(grid), [*grid.xs, grid.width]
+    return [*grid.ys, grid.height], [*grid.xs, grid.width]
 
 
 def stitch_order(grid: TileGrid) -> list[Tile]:
@@ -319,13 +314,13 @@ class BlockAssembler:
     the blocks of a fixed grid, and hands each block to ``sink`` once all its pixels have come.
 
     Block ``(k, c)`` is rows ``[rows[k], rows[k + 1])`` x columns ``[cols[c], cols[c + 1])`` (edges increasing from 0
-    to the height / width; e.g. :func:`block_edges`: the grid's bands and columns of tiles). Call the assembler with
+    to the height / width; e.g. :func:`block_edges`: the grid's rows and columns of tiles). Call the assembler with
     ``(y0, x0, *pieces)``: one or more arrays of the same ``h x w [x ...]`` pixels at rows ``[y0, y0 + h)``, columns
     ``[x0, x0 + w)``; a piece may straddle blocks. A complete block goes out as ``sink(y0, x0, *blocks)`` (one array
     per stream, the dtype of the first piece that reached it) as soon as it is complete. Every pixel must come exactly
     once.
 
-    ``bands = (a, b)`` assembles only the block rows ``a .. b - 1`` (e.g. a rank's share, or what a resume still
+    ``block_rows = (a, b)`` assembles only the block rows ``a .. b - 1`` (e.g. a rank's share, or what a resume still
     needs): parts of pieces outside them are dropped.
 
     Memory: a block's buffers exist from its first piece until it is handed on, ``block pixels x`` the bytes of one
@@ -340,14 +335,14 @@ class BlockAssembler:
         cols: list[int],
         sink: BlockSink | Callable[..., None],
         *,
-        bands: tuple[int, int] | None = None,
+        block_rows: tuple[int, int] | None = None,
     ) -> None:
         _check_edges(rows, "row")
         _check_edges(cols, "column")
         n = len(rows) - 1
-        a, b = bands if bands is not None else (0, n)
+        a, b = block_rows if block_rows is not None else (0, n)
         if not 0 <= a <= b <= n:
-            raise ConfigError(f"bands {bands} must be a range within the {n} block rows")
+            raise ConfigError(f"block rows {block_rows} must be a range within the {n} block rows")
         self.rows, self.cols, self.sink = list(rows), list(cols), sink
         self.width, self.height = cols[-1], rows[-1]
         self._start, self._stop = a, b

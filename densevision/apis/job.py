@@ -1,0 +1,253 @@
+"""One whole-image job that segmentation, detection and instance masks plug into: the shared steps, written once.
+
+The flow, in one direction::
+
+    output path checked -> device, ranks -> image opened -> working resolution -> the task's model
+    -> tile grid, thumbnail, value scale, tiles with content -> work folder (rank 0 creates or checks it against
+    the run's fingerprint, the other ranks join it) -> this rank's contiguous share of tile rows, predicted by the
+    task's consumer in batches aligned to an uninterrupted run's -> rank 0: the task's finishing step, from the
+    committed rows -> the run summary (the common parts here, the task's beside them)
+
+A :class:`Task` adds only what is its own: the output it writes, its model, its fingerprint entries and work folder
+layout, its consumer of predicted batches and its finishing step.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from densevision import __version__
+from densevision.apis.settings import Compute, Model, Reading, Tiling
+from densevision.engine.distributed import barrier, init_distributed, split_contiguous
+from densevision.engine.reader import ReadGeometry, TileDataset, read_geometry
+from densevision.engine.runner import RunStats, TileRunner, resolve_device
+from densevision.engine.workdir import WorkFolder
+from densevision.errors import ConfigError
+from densevision.io import ImageSource, Thumbnail, open_image
+from densevision.io.atomic import check_output_path, write_json
+from densevision.io.raster import bounded_gdal_cache
+from densevision.io.scaling import ValueScale
+from densevision.tiling import TileGrid, tiles_with_content, tissue_mask
+
+PREVIEW_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the shared steps established about one image, for the task's steps."""
+
+    src: ImageSource
+    out: Path
+    geometry: ReadGeometry
+    grid: TileGrid
+    keep: np.ndarray  # a bool per tile of the grid: predict it (False: no content, skipped)
+    thumb: Thumbnail
+    value_scale: ValueScale | None
+    device: torch.device
+    model: Model
+    tiling: Tiling
+    reading: Reading
+    compute: Compute
+
+    def beside(self, suffix: str) -> Path:
+        """An output beside the main one: ``out/name.tif`` -> ``out/name<suffix>``."""
+        stem = self.out.with_suffix("")
+        return stem.with_name(stem.name + suffix)
+
+
+class Task(abc.ABC):
+    """One kind of whole-image prediction plugged into :func:`run_job`."""
+
+    #: what the run's summary calls it, and what an output with no content says
+    empty_note: str
+
+    @abc.abstractmethod
+    def check_output(self, out: Path) -> None:
+        """Raise :class:`ConfigError` if ``out`` is not an output this task writes (before anything slow)."""
+
+    @abc.abstractmethod
+    def predictor(self, model: Model, device: torch.device) -> Any:
+        """The tile predictor (built once; ``size_divisor``, ``class_names`` and ``palette`` are read from it)."""
+
+    @abc.abstractmethod
+    def fingerprint(self, job: Job) -> dict[str, Any]:
+        """The task's settings that change its committed rows: a resume must find them unchanged."""
+
+    @abc.abstractmethod
+    def work_folder(self, job: Job, root: Path, fingerprint: dict[str, Any], resume: bool) -> WorkFolder:
+        """The task's layout of the work folder, one committed file per tile row."""
+
+    @abc.abstractmethod
+    def predict(
+        self, job: Job, work: WorkFolder, rows: tuple[int, int], dataset: TileDataset, runner: TileRunner
+    ) -> RunStats | None:
+        """Predict tile rows ``[a, b)`` not yet committed to ``work``, committing each as it is finished."""
+
+    @abc.abstractmethod
+    def finish(self, job: Job, work: WorkFolder) -> dict[str, Any]:
+        """Write the outputs from the committed rows (each appearing only when complete) and return the summary's
+        task parts: ``outputs``, ``model``, ``settings``, ``results`` and ``timings`` (dicts merged into the common
+        ones)."""
+
+
+def working_size(src: ImageSource, geometry: ReadGeometry, mpp: float | None) -> tuple[int, int]:
+    """``(width, height)`` of the image at the working resolution."""
+    if mpp is None:
+        w, h = src.level_dimensions[geometry.level]
+        return int(w), int(h)
+    w, h = (max(1, round(s / geometry.downsample)) for s in src.size)
+    return w, h
+
+
+def value_scale_for(src: ImageSource, thumb: Thumbnail, value_range: tuple[float, float] | None) -> ValueScale | None:
+    """How raw values map to 0..255: the given range, the thumbnail's percentiles for non-uint8, else none."""
+    if value_range is not None:
+        return ValueScale.uniform(*value_range, src.band_count)
+    if src.dtype != np.uint8:
+        return ValueScale.from_sample(thumb.pixels, thumb.valid)
+    return None
+
+
+def tiles_to_run(
+    src: ImageSource, grid: TileGrid, thumb: Thumbnail, geometry: ReadGeometry, skip_empty: bool
+) -> np.ndarray:
+    """A bool per tile of ``grid``: run it. Empty tiles (glass on slides, nodata / alpha on rasters, judged on the
+    thumbnail) are skipped when ``skip_empty``."""
+    if not skip_empty:
+        return np.ones(len(grid), dtype=bool)
+    content = tissue_mask(thumb.pixels, thumb.valid) if src.backend == "openslide" else thumb.valid
+    scale = (thumb.downsample[0] / geometry.downsample, thumb.downsample[1] / geometry.downsample)
+    return tiles_with_content(grid, content, scale)
+
+
+def area_per_pixel(src: ImageSource, downsample: float) -> tuple[float, str] | None:
+    """Physical area of a pixel covering ``downsample`` level-0 pixels a side: um^2 for slides with a known mpp,
+    m^2 for rasters in a metric CRS."""
+    if src.mpp is not None:
+        return src.mpp[0] * src.mpp[1] * downsample**2, "um2"
+    if src.crs is not None and src.transform is not None and src.crs.linear_units in ("metre", "meter"):
+        return abs(src.transform.determinant) * downsample**2, "m2"
+    return None
+
+
+def versions() -> dict[str, str]:
+    return {"densevision": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def stretch_for_display(pixels: np.ndarray) -> np.ndarray:
+    """``H x W x C`` values as ``H x W x 3`` float RGB 0..255 (1st-99th percentile stretch) for previews."""
+    base = pixels[..., :3].astype(np.float32)
+    if base.shape[-1] < 3:
+        base = np.repeat(base[..., :1], 3, axis=-1)
+    lo, hi = float(np.nanpercentile(base, 1)), float(np.nanpercentile(base, 99))
+    return np.clip((np.nan_to_num(base, nan=lo) - lo) / max(hi - lo, 1e-6) * 255, 0, 255)
+
+
+def _path_or_none(p: str | os.PathLike[str] | None) -> str | None:
+    return os.fspath(p) if p is not None else None
+
+
+def run_job(
+    image: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    task: Task,
+    *,
+    model: Model,
+    tiling: Tiling,
+    reading: Reading,
+    compute: Compute,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run ``task`` over a whole image (see the module doc); returns the run summary, also written beside ``out``
+    as ``*.summary.json``. Under ``torchrun`` every rank calls this; ranks other than 0 return only their share."""
+    started = time.perf_counter()
+    tiling, reading = tiling.check(), reading.check()
+    out_path = check_output_path(out)
+    task.check_output(out_path)
+    device = resolve_device(compute.device)
+    rank, world = init_distributed(device)
+
+    # The input is checked before the (slow) model build, so a wrong path fails at once.
+    with open_image(image, **reading.open_options) as src, bounded_gdal_cache():
+        geometry = read_geometry(src, level=reading.level, mpp=reading.mpp)
+        predictor = task.predictor(model, device)
+        width, height = working_size(src, geometry, reading.mpp)
+        grid = TileGrid(width, height, tiling.tile, tiling.overlap, divisor=predictor.size_divisor)
+        thumb = src.thumbnail(PREVIEW_SIZE)
+        value_scale = value_scale_for(src, thumb, reading.value_range)
+        keep = tiles_to_run(src, grid, thumb, geometry, reading.skip_empty)
+        job = Job(src, out_path, geometry, grid, keep, thumb, value_scale, device, model, tiling, reading, compute)
+        names = list(predictor.class_names)
+        fingerprint = {
+            "input": str(Path(src.path).resolve()), "input_size": list(src.size), "output_size": [width, height],
+            "config": _path_or_none(model.config), "checkpoint": _path_or_none(model.checkpoint), "classes": names,
+            "tile": tiling.tile, "overlap": tiling.overlap, "batch_size": tiling.batch_size, "level": geometry.level,
+            "mpp": reading.mpp, "bands": list(reading.bands) if reading.bands else None,
+            "skip_empty": reading.skip_empty,
+            "value_scale": [value_scale.lo, value_scale.hi] if value_scale else None,
+            **task.fingerprint(job),
+        }  # fmt: skip
+        root = out_path.with_name(out_path.name + ".partial.d")
+        # Rank 0 creates (or checks) the work folder; the others join it once it is there.
+        work = task.work_folder(job, root, fingerprint, resume) if rank == 0 else None
+        barrier(world)
+        work = work or task.work_folder(job, root, fingerprint, True)
+        rows_before = work.done()
+        kept_per_row = np.bincount([t.row for t in grid if keep[t.index]], minlength=len(grid.ys))
+        share = split_contiguous(kept_per_row, world)[rank]
+        stats = task.predict(
+            job, work, share,
+            TileDataset(src.path, [], geometry, reading.open_options, value_scale),
+            TileRunner(
+                batch_size=tiling.batch_size, workers=reading.workers, device=device, amp=compute.amp,
+                progress=compute.progress and rank == 0,
+            ),
+        )  # fmt: skip
+        barrier(world)
+        if rank != 0:
+            return {"rank": rank, "rows": list(share), "timings": stats.as_dict() if stats else {}}
+        if work.done() != work.rows:
+            raise ConfigError(f"{root}: only {work.done()} of {work.rows} rows are finished; run again with --resume")
+        parts = task.finish(job, work)
+        work.remove()
+        source_facts = src.describe()
+
+    summary: dict[str, Any] = {
+        "input": source_facts,
+        "output": str(out_path),
+        **parts["outputs"],
+        "model": {
+            "config": _path_or_none(model.config), "checkpoint": _path_or_none(model.checkpoint), "classes": names,
+            **parts["model"],
+        },
+        "settings": {
+            "tile": tiling.tile, "overlap": tiling.overlap, "batch_size": tiling.batch_size, "level": geometry.level,
+            "mpp": reading.mpp, "downsample": geometry.downsample, "device": str(device), "amp": compute.amp,
+            "workers": reading.workers, "world_size": world, "skip_empty": reading.skip_empty,
+            "value_scale": {"lo": list(value_scale.lo), "hi": list(value_scale.hi)} if value_scale else None,
+            **parts["settings"],
+        },
+        "output_size": [width, height],
+        "tiles": {"total": len(grid), "done": int(keep.sum()), "skipped": int((~keep).sum())},
+        "resumed": {"rows_already_done": rows_before, "rows": work.rows} if resume else None,
+        **parts["results"],
+        "timings": {
+            **(stats.as_dict() if stats else {}), **parts["timings"], "seconds_wall": time.perf_counter() - started
+        },
+        "versions": versions(),
+    }  # fmt: skip
+    if not keep.any():
+        summary["note"] = task.empty_note
+    summary_path = job.beside(".summary.json")
+    summary["summary"] = str(summary_path)
+    write_json(summary_path, summary)
+    return summary

@@ -1,0 +1,109 @@
+"""A quiet terminal: while a command runs, the libraries' logs, warnings and prints go to a log file; densevision's
+own results go to the terminal through :func:`say`, its progress bars to standard error.
+
+mmengine's loggers write to the ``sys.stdout`` they find when they are created and mmdet / mmseg warn at import:
+redirecting ``sys.stdout`` and capturing warnings while the command runs catches both, without touching the
+libraries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+_console: list[IO[str]] = []  # where say() writes: the terminal's stdout while a command runs
+
+
+def say(*parts: Any) -> None:
+    """Print densevision's own output to the terminal, also while the libraries' output goes to the log file."""
+    stream = _console[-1] if _console else sys.stdout
+    print(*parts, file=stream, flush=True)
+
+
+def default_log_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "densevision" / "logs"
+
+
+class LogFile:
+    """A text stream appending to ``path``, opened (and its folder created) at the first write: a run that logs
+    nothing leaves no file. Where ``path`` cannot be created, it writes to :func:`default_log_dir` instead (and
+    ``path`` says so)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[str] | None = None
+
+    def _open(self) -> IO[str]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return open(self.path, "a", encoding="utf-8")
+        except OSError:
+            self.path = default_log_dir() / self.path.name
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return open(self.path, "a", encoding="utf-8")
+
+    def write(self, text: str) -> int:
+        if self._file is None:
+            self._file = self._open()
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def isatty(self) -> bool:
+        return False
+
+
+class _Tee:
+    """A text stream writing to several."""
+
+    def __init__(self, *streams: IO[str] | LogFile) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self.streams:
+            s.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def library_output(log: LogFile, *, verbose: bool = False) -> Iterator[LogFile]:
+    """Send the libraries' logging records, warnings and standard output to ``log``, and with ``verbose`` to the
+    terminal as well."""
+    console = sys.stdout
+    with contextlib.closing(log):
+        handler = logging.StreamHandler(_Tee(log, sys.stderr) if verbose else log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        root = logging.getLogger()
+        old_level = root.level
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        logging.captureWarnings(True)
+        _console.append(console)
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(_Tee(log, console) if verbose else log):
+                warnings.simplefilter("default")
+                yield log
+        finally:
+            _console.pop()
+            logging.captureWarnings(False)
+            root.removeHandler(handler)
+            root.setLevel(old_level)
