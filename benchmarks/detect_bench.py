@@ -14,7 +14,7 @@ workers' largest peak from ``RUSAGE_CHILDREN``) is its own.
    ``DetInferencer``) against ``detect_objects``. Reported: wall time and its parts, peak RSS, raw and merged
    detection counts, and agreement: the two merged sets matched one-to-one (same class, IoU >= 0.5, most matches
    then largest total IoU; scipy ``linear_sum_assignment`` per connected group of candidate pairs).
-2. ``truth``: a detector whose answer is known (tests/colour_detector.py ``ColourDetector``: one tight box per
+2. ``truth``: a detector whose answer is known (densevision.synthetic ``ColourDetector``: one tight box per
    connected blob of a planted colour), wrapped as a SAHI ``DetectionModel`` subclass for SAHI's side. Each tool's
    merged objects are scored against the planted boxes: found exactly once with the box within 2 px, found once
    with a worse box, found more than once (duplicates), missed; split by where the object lies in the grid
@@ -116,10 +116,9 @@ def _children_peak_rss_mb() -> float:
 
 
 def _colour_detector(scores: str) -> Any:
-    """tests/colour_detector.py's ColourDetector; ``scores="area"``: scores grow with the box area instead of all
+    """densevision.synthetic's ColourDetector; ``scores="area"``: scores grow with the box area instead of all
     being 0.9 (see :class:`AreaScored`)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from colour_detector import ColourDetector
+    from densevision.synthetic.detectors import ColourDetector
 
     detector = ColourDetector(COLOURS)
     return AreaScored(detector) if scores == "area" else detector
@@ -149,7 +148,8 @@ class AreaScored:
 
 def child_geotiff(args: argparse.Namespace) -> dict[str, Any]:
     """The scene: make_geotiff with ``--objects`` planted objects; their exact boxes go to ``<path>.objects.json``."""
-    from densevision.io.synthetic import make_geotiff, scatter_objects
+    from densevision.synthetic.planted import scatter_objects
+    from densevision.synthetic.rasters import make_geotiff
 
     width, height = parse_size(args.size)
     count = args.objects if args.objects is not None else width * height // 40000
@@ -779,7 +779,7 @@ def part_truth(args: argparse.Namespace) -> Part:
         f"{len(objects)} planted objects on {width} x {height} (scatter_objects: rectangles and ellipses, 24-96 px, "
         f"at least 8 px apart; {n_where}; 'cut in every tile that sees it': wider or taller than the "
         f"{args.overlap}-px overlap where a border crosses it, so no tile sees it whole). 'by where' splits the "
-        "exact finds in that order. Detector: tests/colour_detector.py ColourDetector (one tight box per connected "
+        "exact finds in that order. Detector: densevision.synthetic ColourDetector (one tight box per connected "
         f"blob of one of {len(COLOURS)} planted colours, at least 4 pixels; scores 0.9, or "
         "0.5 + 0.4 (1 - exp(-area / 2000)) so a piece cut by a border scores below the whole view), densevision's "
         "predictor and, for SAHI, a DetectionModel subclass calling it on each RGB slice. A detection counts for "

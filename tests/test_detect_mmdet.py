@@ -14,9 +14,9 @@ import torch
 
 from densevision import detect_objects
 from densevision.errors import CheckpointError
-from densevision.io.synthetic import make_geotiff
 from densevision.predictors.mmdet import MMDetPredictor
 from densevision.stitch import merge_detections
+from densevision.synthetic.rasters import make_geotiff
 from densevision.tiling import TileGrid
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detection" / "dino_swin-t_fpn_coco.py"

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from densevision.io import open_image
-from densevision.io.synthetic import Planted
+from densevision.synthetic.planted import Planted
 
 # Window side for reading the class map: memory is a few times WINDOW^2 bytes.
 WINDOW = 2048
