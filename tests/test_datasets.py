@@ -12,14 +12,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 from scipy import ndimage
 
-from densevision.datasets import (
-    check_coco,
-    check_segmentation,
-    make_ade_dataset,
-    make_coco_dataset,
-    read_class_file,
-)
 from densevision.errors import ConfigError, DatasetError
+from densevision.synthetic.datasets import make_ade_dataset, make_coco_dataset
+from densevision.training.checks import check_coco, check_segmentation, read_class_file
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +42,9 @@ def test_coco_annotations_decode_to_the_planted_masks(coco):
         for ann, obj in zip(anns, coco.objects[split], strict=True):
             img = api.loadImgs(ann["image_id"])[0]
             assert img["file_name"] == obj.file_name and (img["width"], img["height"]) == (112, 96)
-            np.testing.assert_array_equal(api.annToMask(ann).astype(bool), obj.mask)
-            assert api.loadCats(ann["category_id"])[0]["name"] == obj.category
-            assert ann["area"] == obj.mask.sum()
+            np.testing.assert_array_equal(api.annToMask(ann).astype(bool), coco.mask(obj))
+            assert api.loadCats(ann["category_id"])[0]["name"] == obj.label
+            assert ann["area"] == coco.mask(obj).sum()
             x0, y0, x1, y1 = obj.box
             assert ann["bbox"] == [x0, y0, x1 - x0, y1 - y0]
             assert ann["iscrowd"] == int(obj.iscrowd)
@@ -63,10 +58,10 @@ def test_coco_images_show_the_objects(coco):
     """Pixels under a mask carry the object's colour (JPEG-close), the class's dominant channel."""
     for obj in [o for o in coco.objects["train"] if not o.iscrowd][:8]:
         pixels = np.asarray(Image.open(coco.root / "images" / obj.file_name), dtype=np.float64)
-        inside = pixels[ndimage.binary_erosion(obj.mask, iterations=2)]  # away from JPEG-blurred edges
+        inside = pixels[ndimage.binary_erosion(coco.mask(obj), iterations=2)]  # away from JPEG-blurred edges
         assert len(inside) > 20
         assert inside.std(axis=0).max() < 12  # one flat colour
-        assert inside.mean(axis=0).argmax() == {"disc": 0, "square": 1, "triangle": 2}[obj.category]
+        assert inside.mean(axis=0).argmax() == {"disc": 0, "square": 1, "triangle": 2}[obj.label]
 
 
 def test_coco_shapes_are_what_they_say(coco):
@@ -74,14 +69,14 @@ def test_coco_shapes_are_what_they_say(coco):
     seen = set()
     for obj in [o for o in coco.objects["train"] + coco.objects["val"] if not o.iscrowd]:
         x0, y0, x1, y1 = obj.box
-        w, h, area = x1 - x0, y1 - y0, int(obj.mask.sum())
-        seen.add(obj.shape)
-        if obj.shape == "square":
+        w, h, area = x1 - x0, y1 - y0, int(coco.mask(obj).sum())
+        seen.add(obj.label)
+        if obj.label == "square":
             assert area == w * h
-        elif obj.shape == "disc":
+        elif obj.label == "disc":
             assert abs(w - h) <= 1 and abs(area - np.pi * w * h / 4) <= 0.06 * area
         else:
-            rows = obj.mask[y0:y1].sum(axis=1)
+            rows = coco.mask(obj)[y0:y1].sum(axis=1)
             assert (np.diff(rows) >= 0).all() and rows[0] <= 3 and rows[-1] == w
             assert abs(area - w * h / 2) <= 0.1 * area
     assert seen == {"disc", "square", "triangle"}
@@ -110,7 +105,7 @@ def test_mmdet_loads_the_generated_coco_with_masks(coco):
     assert len(sample.gt_instances) + len(sample.ignored_instances) == len(planted)
     masks = np.concatenate([sample.gt_instances.masks.to_ndarray(), sample.ignored_instances.masks.to_ndarray()])
     for m, obj in zip(masks, [o for o in planted if not o.iscrowd] + [o for o in planted if o.iscrowd], strict=True):
-        np.testing.assert_array_equal(m.astype(bool), obj.mask)
+        np.testing.assert_array_equal(m.astype(bool), coco.mask(obj))
 
 
 def test_ade_layout_and_labels(ade):
@@ -125,7 +120,7 @@ def test_ade_layout_and_labels(ade):
     for obj in ade.objects["train"]:
         label = np.asarray(Image.open(root / "annotations" / "training" / obj.file_name.replace(".jpg", ".png")))
         assert label.shape == (90, 100) and label.dtype == np.uint8
-        assert (label[obj.mask] == ade.classes.index(obj.category) + 1).all()
+        assert (label[ade.mask(obj)] == ade.classes.index(obj.label) + 1).all()
     label = np.asarray(Image.open(root / "annotations" / "training" / "ADE_train_00000001.png"))
     assert set(np.unique(label)) <= {0, 1, 2, 3, 4} and {0, 1} <= set(np.unique(label))  # 0: the rings
 
