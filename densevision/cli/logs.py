@@ -84,6 +84,30 @@ class _Tee:
         return False
 
 
+class _Stdout:
+    """What ``sys.stdout`` is while commands run: it writes to the running command's log stream. Loggers keep the
+    stream they found when they were made (mmengine's live for the process): this one outlives each command, and
+    between commands it writes to the terminal."""
+
+    def __init__(self) -> None:
+        self.targets: list[IO[str] | _Tee | LogFile] = []
+
+    def write(self, text: str) -> int:
+        target = self.targets[-1] if self.targets else sys.__stdout__
+        return target.write(text) if target is not None else len(text)
+
+    def flush(self) -> None:
+        target = self.targets[-1] if self.targets else sys.__stdout__
+        if target is not None:
+            target.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+_STDOUT = _Stdout()
+
+
 @contextlib.contextmanager
 def library_output(log: LogFile, *, verbose: bool = False) -> Iterator[LogFile]:
     """Send the libraries' logging records, warnings and standard output to ``log``, and with ``verbose`` to the
@@ -98,11 +122,13 @@ def library_output(log: LogFile, *, verbose: bool = False) -> Iterator[LogFile]:
         root.setLevel(logging.INFO)
         logging.captureWarnings(True)
         _console.append(console)
+        _STDOUT.targets.append(_Tee(log, console) if verbose else log)
         try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(_Tee(log, console) if verbose else log):
+            with warnings.catch_warnings(), contextlib.redirect_stdout(_STDOUT):
                 warnings.simplefilter("default")
                 yield log
         finally:
+            _STDOUT.targets.pop()
             _console.pop()
             logging.captureWarnings(False)
             root.removeHandler(handler)
