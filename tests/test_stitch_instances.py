@@ -191,7 +191,7 @@ def test_every_box_is_prompted_once_in_a_window_that_contains_it(grid, scale):
         assert (b[:, 2] <= w.x + w.w).all() and (b[:, 3] <= w.y + w.h).all()
         if w.tile >= 0:  # a grid tile: the most margin along each axis (so the largest smaller margin)
             tile = tiles[w.tile]
-            assert (w.x, w.y, w.w, w.downsample) == (tile.x, tile.y, t, 1.0)
+            assert (w.x, w.y, w.w, w.shrink) == (tile.x, tile.y, t, 1.0)
             for k in w.indices:
                 ref = _margins(g[k], grid)
                 assert min(ref[w.tile]) == max(min(m) for m in ref.values()) >= 4.0
@@ -201,7 +201,7 @@ def test_every_box_is_prompted_once_in_a_window_that_contains_it(grid, scale):
                 assert w.tile == min(i for i, m in ref.items() if m == ref[w.tile])
         else:  # its own window: no tile has the margin, read at side / T
             own += 1
-            assert len(w.indices) == 1 and w.downsample == pytest.approx(w.w / t) and w.w >= t
+            assert len(w.indices) == 1 and w.shrink == pytest.approx(w.w / t) and w.w >= t
             assert max((min(m) for m in _margins(g[w.indices[0]], grid).values()), default=-1) < 4.0
             # pulled inside the image where the image is larger than the window
             if grid.width > w.w:
@@ -220,7 +220,7 @@ def test_a_box_bigger_than_a_tile_gets_a_centred_window_read_at_a_downsample():
     grid = TileGrid(2000, 1500, 256, 64)
     box = np.array([[600.0, 500.0, 1000.0, 700.0]])  # 400 x 200 grid pixels, larger than a tile
     (w,) = prompt_windows(box * 2, grid, scale=2.0)
-    assert w.tile == -1 and w.w == w.h == 400 * 1.2 + 2 and w.downsample == pytest.approx(482 / 256)
+    assert w.tile == -1 and w.w == w.h == 400 * 1.2 + 2 and w.shrink == pytest.approx(482 / 256)
     assert (w.x, w.y) == (559, 359)  # centred on (800, 600)
     mask = np.ones(w.size, dtype=bool)
     poly = mask_to_polygons(mask, w.offset(2.0), w.pixel(2.0))
@@ -233,7 +233,7 @@ def test_a_box_at_a_tiles_inner_edge_is_prompted_with_context():
     windows = prompt_windows(boxes, grid)
     by_box = {int(k): w for w in windows for k in w.indices}
     assert by_box[2].tile == 0 and by_box[2] is windows[0] and len(windows) == 3
-    assert by_box[1].tile == -1 and by_box[1].w == 256 and by_box[1].downsample == 1.0
+    assert by_box[1].tile == -1 and by_box[1].w == 256 and by_box[1].shrink == 1.0
     assert by_box[1].x == 128  # centred on x = 256
     # 1 px from tile 0's inner edge: its own window, centred on it (x0 + x1 - 256) / 2 = 99.5 -> 100
     assert by_box[0].tile == -1 and (by_box[0].x, by_box[0].y) == (100, 0)

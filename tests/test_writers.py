@@ -34,7 +34,7 @@ from densevision.io.writers import (
     write_coco_results,
     write_geojson,
 )
-from densevision.io.writers.pyramid import downsample2
+from densevision.io.writers.pyramid import halve
 
 pytestmark = [
     # pycocotools' decode under numpy 2, and reading back outputs written without georeferencing on purpose.
@@ -165,13 +165,13 @@ def test_geotiff_rejects_bad_windows(tmp_path: Path) -> None:
 # --- pyramidal TIFF ----------------------------------------------------------------------------------------------
 
 
-def test_downsample2_hand_computed() -> None:
+def test_halve_hand_computed() -> None:
     a = np.array([[1, 1, 2, 3, 9], [2, 3, 3, 4, 8], [5, 6, 7, 7, 7]], np.uint8)[..., None]
     # 2 x 2 blocks: {1,1,2,3} -> 1; {2,3,3,4} -> 3; {9,8,9,8} (edge repeated) -> 9 (tie: top-left);
     # bottom row repeated: {5,6,5,6} -> 5; {7,7,7,7} -> 7; {7,7,7,7} -> 7.
-    assert downsample2(a, "mode")[..., 0].tolist() == [[1, 3, 9], [5, 7, 7]]
-    assert downsample2(a, "nearest")[..., 0].tolist() == [[1, 2, 9], [5, 7, 7]]
-    assert downsample2(a, "mean")[..., 0].tolist() == [[2, 3, 9], [6, 7, 7]]  # round(sum / 4): 7 -> 2, 12 -> 3, 34 -> 9
+    assert halve(a, "mode")[..., 0].tolist() == [[1, 3, 9], [5, 7, 7]]
+    assert halve(a, "nearest")[..., 0].tolist() == [[1, 2, 9], [5, 7, 7]]
+    assert halve(a, "mean")[..., 0].tolist() == [[2, 3, 9], [6, 7, 7]]  # round(sum / 4): 7 -> 2, 12 -> 3, 34 -> 9
 
 
 def test_pyramid_tiff_opens_in_openslide_and_open_image(tmp_path: Path) -> None:
@@ -197,7 +197,7 @@ def test_pyramid_tiff_opens_in_openslide_and_open_image(tmp_path: Path) -> None:
         assert len(tif.pages) == 4 and all(p.is_tiled and p.compression == 8 for p in tif.pages)
         np.testing.assert_array_equal(tif.pages[0].asarray(), classes)
         level1 = tif.pages[1].asarray()
-    np.testing.assert_array_equal(level1, downsample2(classes[..., None], "mode")[..., 0])
+    np.testing.assert_array_equal(level1, halve(classes[..., None], "mode")[..., 0])
 
     with densevision.open_image(out) as src:
         assert src.level_dimensions == tuple(expected_dims)
@@ -263,7 +263,7 @@ def test_pyramid_tiff_in_column_strips_holds_a_strip_not_the_width(tmp_path: Pat
     assert most <= 2 * (8 + 4 + 2 + 1) + 2 * 4, most
     with tifffile.TiffFile(tmp_path / "strips.tiff") as tif:
         np.testing.assert_array_equal(tif.pages[0].asarray(), pixels)
-        np.testing.assert_array_equal(tif.pages[1].asarray(), downsample2(pixels[..., None], "mode")[..., 0])
+        np.testing.assert_array_equal(tif.pages[1].asarray(), halve(pixels[..., None], "mode")[..., 0])
 
 
 def test_pyramid_tiff_refuses_bad_windows_pixels_twice_and_incomplete(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ Polygons. :func:`mask_to_polygons` traces the mask along pixel edges (GDAL's pol
 Prompt windows. After merging, each object is prompted exactly once, in one window that contains its whole box
 (:func:`prompt_windows`): the grid tile with the most margin around the box, where some tile has at least
 ``min_margin`` on every side that is not the image border; otherwise a square window centred on the box, grown by
-``context`` and read at a downsample that brings it to the tile size (objects larger than a tile, or cut by every
+``context`` and read shrunk to the tile size (objects larger than a tile, or cut by every
 tile). Windows are in grid pixels; :meth:`PromptWindow.local_boxes`, :meth:`PromptWindow.offset` and
 :meth:`PromptWindow.pixel` map boxes in and masks out. Masks of one object cut into pieces by tiles (e.g. from a
 detector's own mask head) are joined by :func:`merge_instance_polygons`.
@@ -102,7 +102,7 @@ class PromptWindow(NamedTuple):
     """A square window of the grid's working level in which boxes ``indices`` are prompted.
 
     ``x, y, w, h``: the window in grid pixels (it may reach past the image where the image is smaller than the
-    window, as the grid's own tiles do; that part reads as invalid). ``downsample``: grid pixels per pixel read,
+    window, as the grid's own tiles do; that part reads as invalid). ``shrink``: grid pixels per pixel read,
     so the window is read as ``size`` pixels (the tile size): 1 for grid tiles. ``tile``: the grid tile index when
     the window is a grid tile, else -1.
     """
@@ -111,14 +111,14 @@ class PromptWindow(NamedTuple):
     y: int
     w: int
     h: int
-    downsample: float
+    shrink: float
     indices: np.ndarray
     tile: int = -1
 
     @property
     def size(self) -> tuple[int, int]:
-        """``(width, height)`` of the read: the window at ``downsample``."""
-        return round(self.w / self.downsample), round(self.h / self.downsample)
+        """``(width, height)`` of the read: the window shrunk by ``shrink``."""
+        return round(self.w / self.shrink), round(self.h / self.shrink)
 
     def offset(self, scale: float = 1.0) -> tuple[float, float]:
         """The window's top-left corner in image coordinates (``offset`` for :func:`mask_to_polygons`)."""
@@ -126,7 +126,7 @@ class PromptWindow(NamedTuple):
 
     def pixel(self, scale: float = 1.0) -> float:
         """Image units per pixel read (``scale`` for :func:`mask_to_polygons`)."""
-        return self.downsample * scale
+        return self.shrink * scale
 
     def local_boxes(self, boxes: ArrayLike, scale: float = 1.0) -> np.ndarray:
         """``boxes[indices]`` (image coordinates, ``K x 4``) in the pixels read, clipped to the read's extent."""
@@ -154,7 +154,7 @@ def prompt_windows(
             border (room for SAM to see where the object ends; a box at a tile's inner edge may be cut there).
         context: a box that fits no grid tile gets a square window of side
             ``max(T, ceil(max((1 + 2 * context) * s, s + 2 * min_margin)) + 2)``, ``s`` being the box's longer side
-            in grid pixels, centred on it and pulled inside the image; it is read at ``downsample = side / T``.
+            in grid pixels, centred on it and pulled inside the image; it is read at ``shrink = side / T``.
 
     Rule. Along each axis a tile's margin is the distance from the box to the nearer of the tile's two sides, a side
     on the image border counting as infinitely far. The box goes to the tile in the column with the most margin
@@ -165,7 +165,7 @@ def prompt_windows(
     Example (``dets``: merged :class:`~densevision.stitch.Detections`; the global id of an object is its index)::
 
         for win in prompt_windows(dets.boxes, grid, scale):
-            image = read(win)  # win.size pixels: grid window (win.x, win.y, win.w, win.h) at win.downsample
+            image = read(win)  # win.size pixels: grid window (win.x, win.y, win.w, win.h) shrunk by win.shrink
             masks, quality = sam(image, win.local_boxes(dets.boxes, scale))
             for k, mask in zip(win.indices, masks):
                 polygons[k] = mask_to_polygons(mask, win.offset(scale), win.pixel(scale))

@@ -26,7 +26,7 @@ import tifffile
 
 from densevision.errors import ConfigError, OutputError, UnsupportedFormatError
 from densevision.io.atomic import check_output_path, remove_quietly, replacing, sibling
-from densevision.io.writers.pyramid import PyramidLevel, downsample2, pyramid_dimensions
+from densevision.io.writers.pyramid import PyramidLevel, halve, pyramid_dimensions
 from densevision.samples import SLIDE, sample_path
 from densevision.synthetic.mosaic import IN_MEMORY_SOURCE_PIXELS, Crops, check_size, random_turn, window_offsets
 from densevision.synthetic.planted import Planted, PlantIndex, PlantSpec, exact_objects
@@ -148,7 +148,7 @@ def make_slide(
     def feed(i: int, rows: np.ndarray, spool: BinaryIO) -> None:
         for band in levels[i].push(rows, spool):
             if i + 1 < len(levels):
-                feed(i + 1, downsample2(band, "mean"), spool)
+                feed(i + 1, halve(band, "mean"), spool)
 
     def level0(spool: BinaryIO) -> Iterator[bytes]:
         """Level-0 tiles, one row at a time: the row is encoded and halved into the levels below before its tiles
@@ -169,7 +169,7 @@ def make_slide(
                 pixels[vh:], pixels[:, vw:] = _WHITE, _WHITE
                 row.append(encode(pixels))
                 if levels:
-                    small = downsample2(pixels[:vh, :vw], "mean")
+                    small = halve(pixels[:vh, :vw], "mean")
                     half[: small.shape[0], x // 2 : x // 2 + small.shape[1]] = small
             if levels:
                 feed(0, half[: -(-vh // 2)], spool)

@@ -36,7 +36,7 @@ def pyramid_dimensions(width: int, height: int, tile_size: int) -> list[tuple[in
     return dims
 
 
-def downsample2(a: np.ndarray, how: Downsampling) -> np.ndarray:
+def halve(a: np.ndarray, how: Downsampling) -> np.ndarray:
     """Halve an ``H x W x C`` uint8 array to ``ceil(H / 2) x ceil(W / 2) x C``; odd edges repeat their last
     row / column.
 
@@ -292,7 +292,7 @@ class PyramidTiffWriter(AtomicWriter):
         half = self.tile_size // 2
         for tx, ty, tile in self._levels[level].put(a, x, y, self._spool):
             if level + 1 < len(self._levels):
-                self._put(level + 1, downsample2(tile, self.downsampling), tx * half, ty * half)
+                self._put(level + 1, halve(tile, self.downsampling), tx * half, ty * half)
 
     def _finish(self) -> None:
         if not self._levels[0].complete:
