@@ -438,26 +438,6 @@ def _load(path: Path) -> dict[str, np.ndarray]:
     }
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise IoU of two ``N x 4`` xyxy arrays."""
-    w = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-    h = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-    inter = w * h
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a) + area(b) - inter, 1e-12)
-
-
-def _pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Indexes ``(i, j)`` of the boxes of ``a`` and ``b`` that intersect (an R-tree, not all pairs)."""
-    import shapely
-
-    if not len(a) or not len(b):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    tree = shapely.STRtree(shapely.box(*b.T))
-    i, j = tree.query(shapely.box(*a.T), predicate="intersects")
-    return i.astype(np.int64), j.astype(np.int64)
-
-
 def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray], threshold: float = 0.5) -> dict[str, Any]:
     """One-to-one matching of two detection sets: same class, IoU >= ``threshold``; the most matches, then the
     largest total IoU (``linear_sum_assignment`` on each connected group of candidate pairs)."""
@@ -465,8 +445,10 @@ def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray], threshold: flo
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    i, j = _pairs(a["boxes"], b["boxes"])
-    iou = _iou(a["boxes"][i], b["boxes"][j]) if len(i) else np.zeros(0)
+    from densevision.stitch.detection import intersecting_pairs, match_values
+
+    i, j = intersecting_pairs(a["boxes"], b["boxes"])
+    iou = match_values(a["boxes"][i], b["boxes"][j], "iou")
     ok = (a["labels"][i] == b["labels"][j]) & (iou >= threshold)
     i, j, iou = i[ok], j[ok], iou[ok]
     na, nb = len(a["boxes"]), len(b["boxes"])
@@ -521,13 +503,16 @@ def object_geometry(objects: list[dict[str, Any]], width: int, height: int, tile
 def score_truth(found: dict[str, np.ndarray], objects: list[dict[str, Any]], tolerance: float = 2.0) -> dict[str, Any]:
     """Each detection is given to the planted object of its class it overlaps most (IoU); per object: how many
     detections it got and, when one, whether its box is within ``tolerance`` px on every side."""
+    from densevision.stitch.detection import intersecting_pairs, match_values
+
     names = list(COLOURS)
     truth = np.array([[o["x0"], o["y0"], o["x1"], o["y1"]] for o in objects], dtype=np.float64).reshape(-1, 4)
     label = np.array([names.index(next(n for n, c in COLOURS.items() if list(c) == o["color"])) for o in objects])
-    i, j = _pairs(found["boxes"], truth)
+
+    i, j = intersecting_pairs(found["boxes"], truth)
     keep = found["labels"][i] == label[j]
     i, j = i[keep], j[keep]
-    iou = _iou(found["boxes"][i], truth[j])
+    iou = match_values(found["boxes"][i], truth[j], "iou")
     best = np.full(len(found["boxes"]), -1)
     best_iou = np.zeros(len(found["boxes"]))
     for a, b, v in zip(i, j, iou, strict=True):

@@ -433,22 +433,37 @@ def test_wrong_tiles_and_missing_tiles():
 # ---- 6. the pair search and the cost -----------------------------------------------------------------------
 
 
-def test_hashed_pair_search_equals_brute_force():
+def test_tree_pair_search_equals_brute_force():
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 500, (400, 2))
     a = np.concatenate([xy, xy + rng.uniform(0, 30, (400, 2))], axis=1)
     xy = rng.uniform(0, 500, (300, 2))
     b = np.concatenate([xy, xy + rng.exponential(10, (300, 2))], axis=1)
     a[:3] = [[0, 0, 500, 500], [10, 10, 10, 300], [250, 250, 250.5, 250.5]]  # huge, zero width, tiny
-    i, j = intersecting_pairs(a, b)  # 400 x 300 > the brute-force limit: hashed
+    i, j = intersecting_pairs(a, b)  # 400 x 300 > the brute-force limit: the STRtree
     expected = set(zip(*(k.tolist() for k in np.nonzero(pairwise(a, b, "iou") > 0)), strict=True))
     got = list(zip(i.tolist(), j.tolist(), strict=True))
     assert len(got) == len(set(got)) and set(got) == expected and len(expected) > 500
 
 
-def test_twenty_thousand_boxes_over_a_60_by_60_grid_run_fast():
+def test_tree_pair_search_leaves_out_boxes_that_only_touch():
+    """Half-open pixel edges: a lattice of 10-px squares touches its neighbours along sides and at corners but
+    intersects none of them; squares shifted by 5 px overlap four each (two at the lattice's right edge). ``a`` is
+    ``b``'s first rows, as the merger calls it."""
+    xy = np.stack(np.meshgrid(np.arange(20), np.arange(20)), -1).reshape(-1, 2) * 10.0
+    lattice = np.concatenate([xy, xy + 10], axis=1)  # 400 squares, rows of 20
+    b = np.concatenate([lattice, lattice[:50] + 5])
+    i, j = intersecting_pairs(lattice, b)  # 400 x 450 > the brute-force limit: the STRtree
+    got = set(zip(i.tolist(), j.tolist(), strict=True))
+    assert {(p, q) for p, q in got if q < 400} == {(k, k) for k in range(400)}
+    assert len([q for _, q in got if q >= 400]) == 50 * 4 - 2 * 2  # squares 19 and 39 stick out on the right
+    assert len(got) == len(i)
+
+
+def twenty_thousand_boxes():
+    """A 60 x 60 grid of 128-px tiles, 9216 planted boxes and their ~20k per-tile detections (also timed by
+    benchmarks/merge_bench.py)."""
     grid = TileGrid(59 * 96 + 128, 59 * 96 + 128, 128, 32)
-    assert grid.shape == (60, 60)
     rng = np.random.default_rng(0)
     cells = np.stack(np.meshgrid(np.arange(96), np.arange(96)), -1).reshape(-1, 2) * 60.0
     wh = rng.uniform(8, 28, (len(cells), 2))
@@ -465,6 +480,12 @@ def test_twenty_thousand_boxes_over_a_60_by_60_grid_run_fast():
         k = by_row[tile.row]
         boxes, scores, labs, _ = detect(grid, tile, truth[k], labels[k], rng)
         items.append((tile, boxes, scores, labs))
+    return grid, truth, items
+
+
+def test_twenty_thousand_boxes_over_a_60_by_60_grid_run_fast():
+    grid, truth, items = twenty_thousand_boxes()
+    assert grid.shape == (60, 60)
     n = sum(len(it[1]) for it in items)
     start = time.perf_counter()
     merger = DetectionMerger(grid)

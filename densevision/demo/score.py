@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torchvision.ops import box_iou
 
 from densevision.io import open_image
 from densevision.synthetic.planted import Planted
@@ -70,16 +72,6 @@ def segmentation_scores(
     }
 
 
-def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one ``(x0, y0, x1, y1)`` box with each row of ``N x 4`` boxes."""
-    ix = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
-    iy = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
-    inter = ix * iy
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / np.maximum(area + areas - inter, 1e-9)
-
-
 def _prf(tp: int, n_det: int, n_true: int) -> dict[str, Any]:
     p, r = _ratio(tp, n_det), _ratio(tp, n_true)
     f1 = 2 * p * r / (p + r) if p is not None and r is not None and p + r > 0 else 0.0 if n_det or n_true else None
@@ -94,7 +86,7 @@ def detection_scores(
     dets = json.loads(Path(coco_results).read_text())
     dets.sort(key=lambda d: -float(d["score"]))
     index = {name: i for i, name in enumerate(classes)}
-    truth = np.array([o.box for o in objects], dtype=np.float64).reshape(-1, 4)
+    truth = torch.tensor([o.box for o in objects], dtype=torch.float64).reshape(-1, 4)
     truth_class = np.array([index[o.label] for o in objects], dtype=np.int64)
     matched = np.zeros(len(objects), dtype=bool)
     tp = np.zeros(len(classes), dtype=np.int64)
@@ -106,7 +98,7 @@ def detection_scores(
         candidates = np.flatnonzero((truth_class == c) & ~matched)
         if not len(candidates):
             continue
-        overlaps = box_iou(np.array([x, y, x + w, y + h]), truth[candidates])
+        overlaps = box_iou(torch.tensor([[x, y, x + w, y + h]], dtype=torch.float64), truth[candidates])[0].numpy()
         best = int(np.argmax(overlaps))
         if overlaps[best] >= iou:
             matched[candidates[best]] = True

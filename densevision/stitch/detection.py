@@ -45,11 +45,13 @@ down are held until they end): see :attr:`DetectionMerger.held` / :attr:`~Detect
 
 Cost. A new tile's detections are compared only with the held detections of the tiles whose windows overlap it
 (the grid is the spatial index) that lie inside its window, i.e. the overlap strips, and with each other. Candidate
-pairs come from a uniform cell hash (cell about the typical box size), so a tile with ``n`` boxes costs about
-``O((n + m) * k)`` for ``m`` boxes in its strips and ``k`` boxes per cell, not ``O(n * m)``. Components: label
-propagation over the held matches at each completed row; groups: one vectorised pass (``nmm``) or a loop over the
-detections that have a match (``nms`` / ``greedy_nmm``). In all ``O(N)`` for ``N`` detections at bounded density
-(each detection is in about two row flushes).
+pairs come from all ``n x (n + m)`` pairs when that is small, else from a shapely ``STRtree`` (an R-tree), so a
+tile with ``n`` boxes costs about ``O((n + m) log(n + m) + pairs)`` for ``m`` boxes in its strips, not
+``O(n * m)``. Components: scipy's ``connected_components`` over the held matches at each completed row; groups: one
+vectorised pass (``nmm``) or a loop over the detections that have a match (``nms`` / ``greedy_nmm``: torchvision's
+``batched_nms`` does not replace it, as it ranks by score alone, matches by IoU alone and returns the keepers, not
+which group each detection joins). In all about ``O(N)`` for ``N`` detections at bounded density (each detection is
+in about two row flushes).
 """
 
 from __future__ import annotations
@@ -58,14 +60,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import shapely
 from numpy.typing import ArrayLike
+from scipy import sparse
+from scipy.sparse import csgraph
 
 from densevision.errors import ConfigError, InvalidRegionError
 from densevision.tiling.grid import Tile, TileGrid
 
 METHODS = ("nms", "nmm", "greedy_nmm")
 MATCHES = ("iou", "ios")
-_BRUTE_FORCE_PAIRS = 1 << 14  # up to this many box pairs, test them all at once instead of hashing
+_BRUTE_FORCE_PAIRS = 1 << 14  # up to this many box pairs, test them all at once instead of an R-tree
 
 
 @dataclass(frozen=True, eq=False)
@@ -500,7 +505,10 @@ def merge_detections(
 
 
 def match_values(a: np.ndarray, b: np.ndarray, match: str) -> np.ndarray:
-    """IoU or IoS of paired boxes ``a[k]``, ``b[k]`` (both ``K x 4``); 0 where they do not overlap."""
+    """IoU or IoS of paired boxes ``a[k]``, ``b[k]`` (both ``K x 4``); 0 where they do not overlap.
+
+    Pairs, not the ``N x M`` matrix of ``torchvision.ops.box_iou`` (which has no IoS either): the merger's candidate
+    pairs are sparse."""
     iw = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])
     ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])
     inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
@@ -513,9 +521,10 @@ def match_values(a: np.ndarray, b: np.ndarray, match: str) -> np.ndarray:
 def intersecting_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs ``(i, j)`` with ``a[i]`` and ``b[j]`` (``N x 4``, ``M x 4``) intersecting with positive area.
 
-    Small inputs test all ``N x M`` pairs; larger ones hash boxes into square cells (side: the 90th percentile of
-    box size, at least 1/256 of the extent) and test only pairs sharing a cell, each pair once, in the cell holding
-    the top-left corner of its intersection. Cost ``O(N + M + pairs sharing a cell)``.
+    Boxes are half-open pixel edges, so boxes that only touch (a shared side or corner) do not intersect, nor does a
+    box of zero width or height. Small inputs test all ``N x M`` pairs at once; larger ones take the candidates from
+    a shapely ``STRtree`` over ``b`` (envelope intersections, touching included) and keep those whose intersection
+    is positive along both axes. Each pair once, in no particular order.
     """
     n, m = len(a), len(b)
     if n == 0 or m == 0:
@@ -525,36 +534,15 @@ def intersecting_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nda
         ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
         i, j = np.nonzero((iw > 0) & (ih > 0))
         return i.astype(np.int64), j.astype(np.int64)
-    both = np.concatenate([a, b])
-    origin = both[:, :2].min(axis=0)
-    extent = float((both[:, 2:].max(axis=0) - origin).max())
-    sizes = np.maximum(both[:, 2] - both[:, 0], both[:, 3] - both[:, 1])
-    cell = max(float(np.quantile(sizes, 0.9)), extent / 256, 1e-9)
-    span = int(np.floor(extent / cell)) + 2  # cells per row, with room
-
-    def cells(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        c0 = np.floor((x[:, :2] - origin) / cell).astype(np.int64)
-        c1 = np.floor((x[:, 2:] - origin) / cell).astype(np.int64)
-        nx, ny = c1[:, 0] - c0[:, 0] + 1, c1[:, 1] - c0[:, 1] + 1
-        count = nx * ny
-        box = np.repeat(np.arange(len(x)), count)
-        k = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
-        return box, (c0[box, 1] + k // nx[box]) * span + c0[box, 0] + k % nx[box]
-
-    box_a, key_a = cells(a)
-    box_b, key_b = cells(b)
-    srt = np.argsort(key_b, kind="stable")
-    key_b, box_b = key_b[srt], box_b[srt]
-    lo = np.searchsorted(key_b, key_a, side="left")
-    cnt = np.searchsorted(key_b, key_a, side="right") - lo
-    i = np.repeat(box_a, cnt)
-    j = box_b[np.repeat(lo - (np.cumsum(cnt) - cnt), cnt) + np.arange(cnt.sum())]
-    key = np.repeat(key_a, cnt)
-    corner = np.maximum(a[i, :2], b[j, :2])
-    far = np.minimum(a[i, 2:], b[j, 2:])
-    cc = np.floor((corner - origin) / cell).astype(np.int64)
-    keep = (far > corner).all(axis=1) & (cc[:, 1] * span + cc[:, 0] == key)
-    return i[keep], j[keep]
+    # The tree needs geometries but only their envelopes count: a box's diagonal is the cheapest one with the box as
+    # its envelope. The merger passes a tile's boxes followed by their neighbours as b: then a's are b's first ones.
+    lines = shapely.linestrings(b.reshape(m, 2, 2))
+    probes = lines[:n] if n <= m and np.array_equal(a, b[:n]) else shapely.linestrings(a.reshape(n, 2, 2))
+    i, j = shapely.STRtree(lines).query(probes)
+    keep = (np.minimum(a[i, 2], b[j, 2]) > np.maximum(a[i, 0], b[j, 0])) & (
+        np.minimum(a[i, 3], b[j, 3]) > np.maximum(a[i, 1], b[j, 1])
+    )
+    return i[keep].astype(np.int64, copy=False), j[keep].astype(np.int64, copy=False)
 
 
 def _touches(boxes: np.ndarray, window: np.ndarray, interior: np.ndarray, margin: float) -> np.ndarray:
@@ -594,19 +582,11 @@ def _integers(x: ArrayLike, n: int, name: str, where: str) -> np.ndarray:
 
 
 def _components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Connected components of ``n`` nodes with edges ``u``-``v``: each node's smallest node in its component
-    (min-label propagation with pointer jumping)."""
-    lab = np.arange(n)
-    while u.size:
-        m = np.minimum(lab[u], lab[v])
-        new = lab.copy()
-        np.minimum.at(new, u, m)
-        np.minimum.at(new, v, m)
-        new = new[new]
-        if np.array_equal(new, lab):
-            break
-        lab = new
-    return lab
+    """Connected components of ``n`` nodes with edges ``u``-``v``: a component label per node."""
+    if not u.size:
+        return np.arange(n)
+    graph = sparse.csr_array((np.ones(len(u)), (u, v)), shape=(n, n))
+    return csgraph.connected_components(graph, directed=False)[1]
 
 
 def _nmm_groups(pos: np.ndarray, order: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
