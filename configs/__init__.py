@@ -15,10 +15,11 @@ import difflib
 import os
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from densevision.errors import ConfigError
 
-__all__ = ["config_dir", "config_names", "find_config"]
+__all__ = ["config_dir", "config_names", "find_config", "load_config"]
 
 
 def config_dir() -> Path:
@@ -69,3 +70,21 @@ def find_config(name_or_path: str | os.PathLike[str]) -> Path:
     runnable = [n for n in names if not n.startswith("_base_/")]
     hint = f"did you mean {', '.join(close)}?" if close else f"shipped configs: {', '.join(runnable)}"
     raise ConfigError(f"config {given!r} is neither a file nor a shipped config name; {hint}")
+
+
+def load_config(name_or_path: str | os.PathLike[str], cfg_options: dict[str, Any] | None = None) -> Any:
+    """The mmengine ``Config`` of :func:`find_config`'s file, with ``cfg_options`` merged; any failure to read it
+    (syntax errors, a bad ``_base_``, failed ``custom_imports``, options that do not fit) is a :class:`ConfigError`."""
+    from mmengine.config import Config
+
+    path = find_config(name_or_path)
+    try:
+        cfg = Config.fromfile(str(path))
+    except Exception as e:
+        raise ConfigError(f"{path}: cannot read the config ({type(e).__name__}: {e})") from e
+    if cfg_options:
+        try:
+            cfg.merge_from_dict(dict(cfg_options))
+        except (TypeError, KeyError) as e:
+            raise ConfigError(f"{path}: --cfg-options do not fit the config ({e})") from e
+    return cfg

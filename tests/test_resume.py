@@ -196,7 +196,7 @@ def test_resume_after_a_crash_anywhere_gives_the_same_bytes(tmp_path, blend):
         assert not out.exists()
         summary = segment_image(src, out=out, predictor=_Conv(), resume=True, **kw)
         assert 1 <= summary["resumed"]["rows_already_done"] < summary["resumed"]["rows"] == 5
-        if crash > 4:  # only the tile rows reaching into unfinished block rows are redone (after block row 0: all of them)
+        if crash > 4:  # only tile rows reaching into unfinished block rows are redone (after row 0: all)
             assert summary["timings"]["tiles"] < len(TileGrid(333, 250, 64, 16))
         for name in ("seg.tif", "seg.probs.tif"):
             assert (out.parent / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), (crash, name)

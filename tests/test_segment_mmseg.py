@@ -109,7 +109,10 @@ def test_cli_segment(checkpoint, scene, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "extra,message",
-    [(["-c", "nope.py"], "no such config"), (["-c", REPO_CONFIG, "-w", "nope.pth"], "no such checkpoint")],
+    [
+        (["-c", "nope.py"], "neither a file nor a shipped config name"),
+        (["-c", REPO_CONFIG, "-w", "nope.pth"], "no such checkpoint"),
+    ],
 )
 def test_cli_segment_bad_model_files(scene, tmp_path, extra, message):
     path, _ = scene

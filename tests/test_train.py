@@ -475,7 +475,7 @@ def test_training_without_validation_data(ade, configs, tmp_path):
 
 
 def test_usage_errors(ade, configs, tmp_path):
-    with pytest.raises(ConfigError, match="no such config file"):
+    with pytest.raises(ConfigError, match="neither a file nor a shipped config name"):
         train(tmp_path / "nope.py", work_dir=tmp_path)
     with pytest.raises(DatasetError, match="no such dataset folder"):
         train(configs["upernet"], work_dir=tmp_path, data_root=tmp_path / "nowhere")
@@ -510,7 +510,7 @@ def test_torchrun_two_cpu_processes(ade, configs, tmp_path):
 def test_schedule_compressed_to_max_iters(max_iters, warmup_end):
     """UperNet's 1500-iteration warmup of 160k iterations shrinks with the run; one too short to ramp is dropped
     (mmengine's LinearLR stops a step short of its end factor: a 2-iteration warmup would halve the whole run's lr)."""
-    from densevision.training.config import load_config
+    from densevision.configs import load_config
     from densevision.training.schedule import compress_schedule
 
     cfg = load_config(REPO / "configs" / "segmentation" / "upernet_swin-t_ade20k-512.py")

@@ -10,6 +10,7 @@ SAM, the merged objects gathered first), the preview.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -120,6 +121,15 @@ class _ObjectOutputs:
         self.count = 0
         self.draw = ImageDraw.Draw(preview)
         self.preview_scale = preview_scale
+
+    def add_all(self, dets: Detections, polygons: dict[int, shapely.Geometry] | None) -> None:
+        """Every object of ``dets``, outlined by the union of its sources' ``polygons`` (by id) when given, else by
+        its box."""
+        for k in range(len(dets)):
+            geom = _united(polygons, dets.sources(k)) if polygons is not None else None
+            self.add(
+                dets.boxes[k], dets.scores[k], int(dets.labels[k]), bool(dets.partial[k]), len(dets.sources(k)), geom
+            )
 
     def add(self, box: np.ndarray, score: float, label: int, partial: bool, views: int, geom: Any) -> None:
         k = self.count
@@ -358,16 +368,14 @@ class DetectionTask(Task):
         coco = CocoResultsWriter(self.coco_path) if self.coco_path is not None else None
         outputs = _ObjectOutputs(src, geojson, coco, names, predictor.palette, preview, preview_scale)
         sam_seconds, sam_windows = 0.0, 0
-        try:
+        with contextlib.ExitStack() as writers:  # each writer renamed into place on success, dropped on error
+            writers.enter_context(geojson)
+            if coco is not None:
+                writers.enter_context(coco)
             if self.sam is None and not s.overview:
                 # Stream: each finished object is written as soon as the merger lets it go.
                 def emit(dets: Detections, polygons: dict[int, shapely.Geometry]) -> None:
-                    for k in range(len(dets)):
-                        geom = _united(polygons, dets.sources(k)) if with_masks else None
-                        outputs.add(
-                            dets.boxes[k], dets.scores[k], int(dets.labels[k]), bool(dets.partial[k]),
-                            len(dets.sources(k)), geom,
-                        )  # fmt: skip
+                    outputs.add_all(dets, polygons if with_masks else None)
 
                 merger = _merge_rows(work, grid, job.keep, geometry.downsample, with_masks, merge_options, emit)
             else:
@@ -390,24 +398,11 @@ class DetectionTask(Task):
                     overview_count = len(ov)
                     objects, polygons = _join_overview(objects, geoms, ov, ov_geoms, src.size, merge_options)
                 if self.sam is None:
-                    for k in range(len(objects)):
-                        geom = _united(polygons, objects.sources(k)) if with_masks else None
-                        outputs.add(
-                            objects.boxes[k], objects.scores[k], int(objects.labels[k]), bool(objects.partial[k]),
-                            len(objects.sources(k)), geom,
-                        )  # fmt: skip
+                    outputs.add_all(objects, polygons if with_masks else None)
                 else:
                     sam_started = time.perf_counter()
                     sam_windows = _prompt_sam(src, geometry, grid, job.value_scale, objects, self.sam, outputs)
                     sam_seconds = time.perf_counter() - sam_started
-            geojson.close()
-            if coco is not None:
-                coco.close()
-        except BaseException:
-            geojson.abort()
-            if coco is not None:
-                coco.abort()
-            raise
         merge_seconds = time.perf_counter() - merge_started - sam_seconds
         preview_path = job.beside(".preview.png")
         with replacing(preview_path) as tmp:

@@ -10,6 +10,7 @@ the class counts and the preview.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import math
 import os
@@ -220,21 +221,16 @@ class SegmentationTask(Task):
             )  # fmt: skip
         outputs = _Outputs(classes, probs, k, width, height)
         cols = work.col_edges
-        try:
+        with contextlib.ExitStack() as writers:  # each writer renamed into place on success, dropped on error
+            writers.enter_context(classes)
+            if probs is not None:
+                writers.enter_context(probs)
             for x0 in range(0, width, ASSEMBLY_STRIP):
                 x1 = min(x0 + ASSEMBLY_STRIP, width)
                 span = (bisect.bisect_right(cols, x0) - 1, bisect.bisect_left(cols, x1))
                 for by, bx, cmap, p in work.blocks(span):
                     a, b = max(x0, bx) - bx, min(x1, bx + cmap.shape[1]) - bx
                     outputs(by, bx + a, cmap[:, a:b], None if p is None else p[:, a:b])
-            classes.close()
-            if probs is not None:
-                probs.close()
-        except BaseException:
-            classes.abort()
-            if probs is not None:
-                probs.abort()
-            raise
         preview_path = job.beside(".preview.png")
         _write_preview(preview_path, job.thumb, outputs.preview, predictor.palette, names)
         area = area_per_pixel(src, d)

@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 from densevision.compat import patch_mmengine
-from densevision.configs import find_config
+from densevision.configs import find_config, load_config
 from densevision.errors import CheckpointError, ConfigError
 from densevision.predictors.weights import load_weights
 
@@ -43,15 +43,9 @@ def build_model(
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise CheckpointError(f"{checkpoint}: no such checkpoint file; check the -w path")
     patch_mmengine()
-    from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
-    try:
-        cfg = Config.fromfile(os.fspath(path))
-    except Exception as e:  # a syntax error, a missing _base_ ...: the user's file, not our bug
-        raise ConfigError(f"{path}: cannot read the config ({type(e).__name__}: {e})") from e
-    if cfg_options:
-        cfg.merge_from_dict(dict(cfg_options))
+    cfg = load_config(path, cfg_options)
     if not isinstance(cfg.get("model"), dict):
         raise ConfigError(f"{path}: the config has no `model` dict; give an mmdet / mmseg model config")
     model_cfg = cfg.model

@@ -15,8 +15,8 @@ The flow of a run, one module a step:
 (:mod:`densevision.cli.train`) calls those. Nothing here knows the command line.
 """
 
+from densevision.configs import load_config
 from densevision.training.classes import checkpoint_classes
-from densevision.training.config import load_config
 from densevision.training.data import DataReport, resolve_data
 from densevision.training.runner import TrainSettings, evaluate, fit
 

@@ -27,25 +27,6 @@ EVALUATORS = {"val": "val_evaluator", "test": "test_evaluator"}
 NO_VALIDATION = "--cfg-options val_cfg=None val_dataloader=None val_evaluator=None"
 
 
-def load_config(config: str | os.PathLike[str], cfg_options: dict[str, Any] | None = None) -> Any:
-    """Read an mmengine config (and merge ``--cfg-options``); any failure is a :class:`ConfigError`."""
-    from mmengine.config import Config
-
-    path = Path(config)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file; pass an mmdet / mmseg config (.py)")
-    try:
-        cfg = Config.fromfile(str(path))
-    except Exception as e:  # syntax errors, bad _base_, failed custom_imports ...
-        raise ConfigError(f"{path}: cannot read the config ({type(e).__name__}: {e})") from e
-    if cfg_options:
-        try:
-            cfg.merge_from_dict(cfg_options)
-        except (TypeError, KeyError) as e:
-            raise ConfigError(f"{path}: --cfg-options do not fit the config ({e})") from e
-    return cfg
-
-
 def scope_of(cfg: Any) -> str:
     """The config's ``default_scope`` ("mmdet" or "mmseg"), with that library's modules registered."""
     scope = cfg.get("default_scope")
