@@ -118,8 +118,8 @@ def test_an_unexpected_error_is_one_line_naming_the_log_file(image, tmp_path, ca
     text = log.read_text()
     assert "a library line" in text and "a library warning" in text
     assert "Traceback (most recent call last)" in text and "RuntimeError: something broke" in text
-    # -v shows it all on the terminal too.
-    assert main(["-v", *argv]) == 1
+    # -v (before or after the command) shows it all on the terminal too.
+    assert main([*argv, "-v"]) == 1
     said = capsys.readouterr()
     assert "a library line" in said.out and "Traceback (most recent call last)" in said.out
     assert "a library warning" in said.err

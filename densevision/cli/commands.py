@@ -21,6 +21,7 @@ from densevision.errors import DenseVisionError
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
+VERBOSE = "show the libraries' logs and warnings on the terminal too (they always go to the log file)"
 
 DESCRIPTION = """\
 Dense prediction over gigapixel whole-slide images and large GeoTIFFs: a segmentation or detection model (an
@@ -255,9 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"densevision {__version__}")
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="show the libraries' logs and warnings (always in the log file)"
-    )
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     info = sub.add_parser("info", help="print size, levels, resolution / CRS, bands and dtype of images")
@@ -346,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(train, flags=True).set_defaults(func=run_train)
     test = sub.add_parser("test", help="evaluate a checkpoint: COCO bbox / segm mAP, or ADE20k mIoU")
     add_test_arguments(test, flags=True).set_defaults(func=run_test)
+    for command in sub.choices.values():  # -v after the command too (SUPPRESS: absent, it keeps the top level's)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE)
     return parser
 
 
