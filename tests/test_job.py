@@ -123,3 +123,31 @@ def test_an_unexpected_error_is_one_line_naming_the_log_file(image, tmp_path, ca
     said = capsys.readouterr()
     assert "a library line" in said.out and "Traceback (most recent call last)" in said.out
     assert "a library warning" in said.err
+
+
+def test_the_segment_command_under_torchrun_equals_one_process(image, tmp_path):
+    """As the README writes it: ``torchrun --nproc_per_node 2 -m densevision.cli segment ...``. Rank 1 used to stop
+    with a KeyError reading a summary that only rank 0 has, and torchrun then stopped rank 0."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from densevision.predictors.mmseg import MMSegPredictor
+
+    classes = ("background", "tumour", "stroma")
+    config = _model_only(tmp_path, "demo/upernet_swin-tiny_demo-256", classes, ("decode_head", "auxiliary_head"))
+    model = MMSegPredictor.from_config(config).model  # random weights, saved in mmengine's layout: both runs load them
+    checkpoint = tmp_path / "model.pth"
+    torch.save({"state_dict": model.state_dict(), "meta": {"dataset_meta": {"classes": classes}}}, checkpoint)
+    args = ["segment", str(image), "-c", str(config), "-w", str(checkpoint), "--tile", "64", "--overlap", "16", "-q"]
+    one, two = tmp_path / "one" / "seg.tif", tmp_path / "two" / "seg.tif"
+    assert main([*args, "-o", str(one)]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*torchrun, "-m", "densevision.cli", *args, "-o", str(two)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("segmentation: ") == 1  # rank 0 reports; rank 1 is quiet
+    assert two.read_bytes() == one.read_bytes()
+    assert json.loads(two.with_name("seg.summary.json").read_text())["settings"]["world_size"] == 2
