@@ -84,7 +84,7 @@ default_hooks = dict(
 env_cfg = dict(
     cudnn_benchmark=True,
     mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
-    dist_cfg=dict(backend="nccl"),  # densevision.apis.train switches to gloo when there is no GPU
+    dist_cfg=dict(backend="nccl"),  # densevision.training.launcher switches to gloo without a GPU
 )
 vis_backends = [dict(type="LocalVisBackend")]
 visualizer = dict(type="SegLocalVisualizer", vis_backends=vis_backends, name="visualizer")

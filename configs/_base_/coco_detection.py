@@ -120,7 +120,7 @@ default_hooks = dict(
 env_cfg = dict(
     cudnn_benchmark=False,
     mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
-    dist_cfg=dict(backend="nccl"),  # densevision.apis.train switches to gloo when there is no GPU
+    dist_cfg=dict(backend="nccl"),  # densevision.training.launcher switches to gloo without a GPU
 )
 vis_backends = [dict(type="LocalVisBackend")]
 visualizer = dict(type="DetLocalVisualizer", vis_backends=vis_backends, name="visualizer")

@@ -1,7 +1,8 @@
-"""User-facing functions: one call per job, wiring io -> tiling -> engine -> stitch -> io.
+"""User-facing functions: one call per job, wiring io -> tiling -> engine -> stitch -> io (:mod:`densevision.apis.job`
+is the one whole-image job; :mod:`densevision.apis.settings` its typed settings).
 
-Loaded on first use: the running APIs import torch and the OpenMMLab stack, which the command line's parser
-(``densevision.apis.train``'s flags) and ``densevision info`` do not need."""
+Loaded on first use: the running APIs import torch and the OpenMMLab stack, which ``densevision info`` and the
+command line's parser do not need."""
 
 from __future__ import annotations
 
