@@ -67,7 +67,7 @@ class Job:
 class Task(abc.ABC):
     """One kind of whole-image prediction plugged into :func:`run_job`."""
 
-    #: what the run's summary calls it, and what an output with no content says
+    #: the summary's note when no tile has content
     empty_note: str
 
     @abc.abstractmethod
