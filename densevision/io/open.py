@@ -16,6 +16,7 @@ from densevision.errors import (
     NotAFileError,
     UnsupportedFormatError,
 )
+from densevision.io.decode import check_tiff_extents, decode_errors
 from densevision.io.plain import DEFAULT_MAX_PIXELS, PlainImageSource
 from densevision.io.raster import RasterSource
 from densevision.io.slide import OpenSlideSource
@@ -27,13 +28,21 @@ _PILLOW_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"GIF8")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
-def _is_geotiff(path: Path) -> bool:
+def _inspect_tiff(path: Path) -> bool:
+    """Whether the TIFF at ``path`` is georeferenced; raises CorruptImageError when its tiles point past the end of
+    the file (see :func:`check_tiff_extents`)."""
     try:
-        with tifffile.TiffFile(path) as tif:
-            tags = tif.pages.first.tags
-            return any(code in tags for code in _GEOTIFF_TAGS)
+        tif = tifffile.TiffFile(path)
     except Exception:  # not a TIFF tifffile can parse: let the other backends decide
         return False
+    with tif:
+        try:
+            tags = tif.pages.first.tags
+            geotiff = any(code in tags for code in _GEOTIFF_TAGS)
+        except Exception:
+            return False
+        check_tiff_extents(path, tif)
+        return geotiff
 
 
 def open_image(
@@ -60,8 +69,13 @@ def open_image(
     with open(p, "rb") as f:
         magic = f.read(8)
 
+    with decode_errors(p, "its header and directories"):
+        return _open(p, magic, bands, max_pixels)
+
+
+def _open(p: Path, magic: bytes, bands: Sequence[int] | None, max_pixels: int) -> ImageSource:
     is_tiff = magic.startswith(_TIFF_MAGIC)
-    if is_tiff and _is_geotiff(p):
+    if is_tiff and _inspect_tiff(p):
         return RasterSource(p, bands)
     try:
         vendor = openslide.OpenSlide.detect_format(p)

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, TiffImagePlugin
 
 from densevision.errors import CorruptImageError, ImageTooLargeError, UnsupportedFormatError
+from densevision.io.decode import WHAT_TO_DO, cause_text
 from densevision.io.source import ImageFacts, ImageSource, Region, clip_window
 
 # A plain image is decoded whole; above this many pixels it must be converted to a tiled pyramid first.
@@ -61,7 +62,7 @@ class PlainImageSource(ImageSource):
                 has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
                 rgba = np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
         except (OSError, SyntaxError, ValueError) as e:
-            raise CorruptImageError(f"{path}: the pixel data cannot be decoded ({e}); the file is damaged") from e
+            raise CorruptImageError(f"{path}: cannot decode the pixel data ({cause_text(e)}); {WHAT_TO_DO}") from e
         finally:
             img.close()
         self._pixels = np.ascontiguousarray(rgba[..., :3])

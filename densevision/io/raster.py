@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from densevision.errors import ConfigError, CorruptImageError, InvalidRegionError, UnsupportedFormatError
+from densevision.errors import ConfigError, UnsupportedFormatError
 from densevision.io.source import ImageFacts, ImageSource, Region, Thumbnail, clip_window
 
 GDAL_CACHE_MB = 256
@@ -40,42 +40,45 @@ class RasterSource(ImageSource):
             ds = rasterio.open(path)
         except RasterioIOError as e:
             raise UnsupportedFormatError(f"{path}: GDAL cannot open this file ({e})") from e
-        self._levels: dict[int, rasterio.DatasetReader] = {0: ds}
-        interp = ds.colorinterp
-        if bands is None:
-            # Alpha bands describe validity, not content: they go to the mask, not to the model.
-            self._bands = [i + 1 for i, ci in enumerate(interp) if ci != ColorInterp.alpha]
-        else:
-            self._bands = [int(b) for b in bands]
-            if not self._bands or not all(1 <= b <= ds.count for b in self._bands):
-                ds.close()
-                raise ConfigError(f"{path}: bands {list(bands)} must be non-empty and within 1..{ds.count}")
-        factors = ds.overviews(1) if ds.count else []
-        dims = [(ds.width, ds.height)]
-        for i in range(len(factors)):
-            with rasterio.open(path, overview_level=i) as ov:
-                dims.append((ov.width, ov.height))
-        notes = []
-        if ds.crs is None:
-            notes.append("no CRS: outputs are in pixel coordinates")
-        if not ds.transform.is_rectilinear:
-            notes.append("rotated or sheared transform: outputs keep it, but GeoJSON boxes become rotated polygons")
-        super().__init__(
-            path,
-            ImageFacts(
-                backend="rasterio",
-                format=ds.driver,
-                level_dimensions=tuple(dims),
-                level_downsamples=tuple(ds.width / w for w, _ in dims),
-                band_count=len(self._bands),
-                dtype=np.dtype(ds.dtypes[self._bands[0] - 1]) if self._bands else np.dtype(np.uint8),
-                crs=ds.crs,
-                transform=ds.transform,
-                nodata=ds.nodata,
-                band_names=tuple(interp[b - 1].name for b in self._bands),
-                notes=tuple(notes),
-            ),
-        )
+        try:
+            self._levels: dict[int, rasterio.DatasetReader] = {0: ds}
+            interp = ds.colorinterp
+            if bands is None:
+                # Alpha bands describe validity, not content: they go to the mask, not to the model.
+                self._bands = [i + 1 for i, ci in enumerate(interp) if ci != ColorInterp.alpha]
+            else:
+                self._bands = [int(b) for b in bands]
+                if not self._bands or not all(1 <= b <= ds.count for b in self._bands):
+                    raise ConfigError(f"{path}: bands {list(bands)} must be non-empty and within 1..{ds.count}")
+            factors = ds.overviews(1) if ds.count else []
+            dims = [(ds.width, ds.height)]
+            for i in range(len(factors)):
+                with rasterio.open(path, overview_level=i) as ov:
+                    dims.append((ov.width, ov.height))
+            notes = []
+            if ds.crs is None:
+                notes.append("no CRS: outputs are in pixel coordinates")
+            if not ds.transform.is_rectilinear:
+                notes.append("rotated or sheared transform: outputs keep it, but GeoJSON boxes become rotated polygons")
+            super().__init__(
+                path,
+                ImageFacts(
+                    backend="rasterio",
+                    format=ds.driver,
+                    level_dimensions=tuple(dims),
+                    level_downsamples=tuple(ds.width / w for w, _ in dims),
+                    band_count=len(self._bands),
+                    dtype=np.dtype(ds.dtypes[self._bands[0] - 1]) if self._bands else np.dtype(np.uint8),
+                    crs=ds.crs,
+                    transform=ds.transform,
+                    nodata=ds.nodata,
+                    band_names=tuple(interp[b - 1].name for b in self._bands),
+                    notes=tuple(notes),
+                ),
+            )
+        except BaseException:
+            ds.close()  # a directory that cannot be read (overviews, colour interpretation): do not leak it
+            raise
 
     def _dataset(self, level: int) -> rasterio.DatasetReader:
         if level not in self._levels:
@@ -95,13 +98,8 @@ class RasterSource(ImageSource):
             return Region(pixels, valid)
         (rows, cols), dst = clip
         win = Window.from_slices(rows, cols)
-        try:
-            data = ds.read(self._bands, window=win) if self._bands else None
-            mask = ds.dataset_mask(window=win)
-        except RasterioError as e:
-            raise CorruptImageError(
-                f"{self.path}: cannot decode the window at {location} (level {level}, size {size}): {e}"
-            ) from e
+        data = ds.read(self._bands, window=win) if self._bands else None
+        mask = ds.dataset_mask(window=win)
         if data is not None:
             pixels[dst] = np.moveaxis(data, 0, -1)
         valid[dst] = mask > 0
@@ -109,10 +107,8 @@ class RasterSource(ImageSource):
             valid &= ~np.isnan(pixels).any(axis=-1)
         return Region(pixels, valid)
 
-    def thumbnail(self, max_size: int = 1024) -> Thumbnail:
+    def _thumbnail(self, max_size: int) -> Thumbnail:
         """GDAL's decimated read: uses overviews when present, streams the full image otherwise."""
-        if max_size < 1:
-            raise InvalidRegionError(f"{self.path}: thumbnail size must be positive, got {max_size}")
         ds = self._levels[0]
         W, H = self.size
         scale = max(1.0, max(W, H) / max_size)

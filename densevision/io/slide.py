@@ -9,6 +9,7 @@ import numpy as np
 import openslide
 
 from densevision.errors import CorruptImageError, UnsupportedCompressionError, UnsupportedFormatError
+from densevision.io.decode import WHAT_TO_DO
 from densevision.io.source import ImageFacts, ImageSource, Region
 
 # Microscopy scans lie between about 0.05 um/px (100x oil) and ~50 um/px (macro images). A value outside
@@ -30,10 +31,31 @@ def _mpp(properties: Mapping[str, str]) -> tuple[tuple[float, float] | None, str
     return mpp, None
 
 
+def _facts(path: Path, slide: openslide.OpenSlide) -> ImageFacts:
+    """What an open slide says about itself: levels, mpp (when plausible), bounds."""
+    props = slide.properties
+    mpp, note = _mpp(props)
+    notes = [note] if note else []
+    bounds = [props.get(f"openslide.bounds-{k}") for k in ("x", "y", "width", "height")]
+    if all(bounds):
+        notes.append("non-empty region (bounds x, y, w, h): " + ", ".join(str(b) for b in bounds))
+    return ImageFacts(
+        backend="openslide",
+        format=openslide.OpenSlide.detect_format(path) or "unknown",
+        level_dimensions=tuple(slide.level_dimensions),
+        level_downsamples=tuple(float(d) for d in slide.level_downsamples),
+        band_count=3,
+        dtype=np.dtype(np.uint8),
+        mpp=mpp,
+        band_names=("red", "green", "blue"),
+        notes=tuple(notes),
+    )
+
+
 class OpenSlideSource(ImageSource):
     def __init__(self, path: Path) -> None:
         try:
-            self._slide = openslide.OpenSlide(path)
+            slide = openslide.OpenSlide(path)
         except openslide.OpenSlideUnsupportedFormatError as e:
             raise UnsupportedFormatError(f"{path}: OpenSlide does not support this file ({e})") from e
         except openslide.OpenSlideError as e:
@@ -42,41 +64,29 @@ class OpenSlideSource(ImageSource):
                     f"{path}: {e}; re-encode it as a tiled pyramidal TIFF with JPEG, LZW or deflate tiles "
                     "(e.g. vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg)"
                 ) from e
-            raise CorruptImageError(f"{path}: OpenSlide cannot read this slide ({e}); the file may be damaged") from e
-        props = self._slide.properties
-        mpp, note = _mpp(props)
-        notes = [note] if note else []
-        bounds = [props.get(f"openslide.bounds-{k}") for k in ("x", "y", "width", "height")]
-        if all(bounds):
-            notes.append("non-empty region (bounds x, y, w, h): " + ", ".join(str(b) for b in bounds))
-        super().__init__(
-            path,
-            ImageFacts(
-                backend="openslide",
-                format=openslide.OpenSlide.detect_format(path) or "unknown",
-                level_dimensions=tuple(self._slide.level_dimensions),
-                level_downsamples=tuple(float(d) for d in self._slide.level_downsamples),
-                band_count=3,
-                dtype=np.dtype(np.uint8),
-                mpp=mpp,
-                band_names=("red", "green", "blue"),
-                notes=tuple(notes),
-            ),
-        )
+            raise CorruptImageError(f"{path}: OpenSlide cannot read this slide ({e}); {WHAT_TO_DO}") from e
+        self._slide: openslide.OpenSlide | None = slide
+        try:
+            super().__init__(path, _facts(path, slide))
+        except BaseException:
+            slide.close()  # properties that cannot be read: do not leak the handle
+            raise
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Region:
-        try:
-            image = self._slide.read_region(location, level, size)
-        except openslide.OpenSlideError as e:
-            # OpenSlide errors are sticky: the handle is dead, open a fresh one for later reads.
-            self._slide.close()
+        if self._slide is None:  # the last read failed: a fresh handle (failing here is reported as this read's)
             self._slide = openslide.OpenSlide(self.path)
-            raise CorruptImageError(
-                f"{self.path}: cannot decode the window at {location} (level {level}, size {size}): {e}"
-            ) from e
+        image = self._slide.read_region(location, level, size)
         # PIL drops the alpha band in C, 3x faster than numpy's strided copy; the bytearray keeps the array writable
         rgb = np.frombuffer(bytearray(image.convert("RGB").tobytes()), np.uint8).reshape(size[1], size[0], 3)
         return Region(rgb, np.asarray(image.getchannel("A")) > 0)
 
+    def _recover(self) -> None:
+        # OpenSlide errors are sticky: the handle is dead; the next read opens a fresh one.
+        slide, self._slide = self._slide, None
+        if slide is not None:
+            slide.close()
+
     def close(self) -> None:
-        self._slide.close()
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from densevision.errors import InvalidRegionError
+from densevision.io.decode import decode_errors
 
 
 class Region(NamedTuple):
@@ -149,12 +150,23 @@ class ImageSource(abc.ABC):
             raise InvalidRegionError(f"{self.path}: window size must be positive, got {w} x {h}")
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Region:
-        """Read ``size`` pixels of ``level`` starting at level-0 ``location``; outside the image is invalid."""
+        """Read ``size`` pixels of ``level`` starting at level-0 ``location``; outside the image is invalid.
+
+        Raises:
+            InvalidRegionError: no such level, or a size that is not positive.
+            CorruptImageError: the backend cannot decode the window (the window and level named).
+        """
         self.check_window(location, level, size)
-        return self._read(location, level, size)
+        with decode_errors(self.path, f"the window at {location} (level {level}, size {size})", self._recover):
+            return self._read(location, level, size)
 
     @abc.abstractmethod
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Region: ...
+
+    def _recover(self) -> None:
+        """Called after a failed read, before the error is raised: make the next read possible again (e.g. reopen
+        a handle the backend has given up on). Nothing by default."""
+        return None
 
     def best_level_for_downsample(self, downsample: float) -> int:
         """The highest-resolution level whose downsample does not exceed ``downsample`` (at least level 0)."""
@@ -166,9 +178,16 @@ class ImageSource(abc.ABC):
 
         Reads the closest pyramid level at or above the target resolution, then resamples to the target:
         area averaging for pixels, nearest for validity.
+
+        Raises:
+            CorruptImageError: the backend cannot decode the pixels it needs.
         """
         if max_size < 1:
             raise InvalidRegionError(f"{self.path}: thumbnail size must be positive, got {max_size}")
+        with decode_errors(self.path, f"the thumbnail (at most {max_size} px a side)", self._recover):
+            return self._thumbnail(max_size)
+
+    def _thumbnail(self, max_size: int) -> Thumbnail:
         W, H = self.size
         scale = max(W, H) / max_size
         out = (max(1, round(W / scale)), max(1, round(H / scale))) if scale > 1 else (W, H)

@@ -1,0 +1,142 @@
+"""Damaged files: every backend's failure to read or decode becomes one :class:`CorruptImageError`, in one place.
+
+:func:`decode_errors` wraps every read of an :class:`~densevision.io.source.ImageSource` (``open_image`` itself,
+``read_region``, ``thumbnail``, and through them the tissue / nodata masks, the value-range estimate, SAM's windows
+and the engine's tile reads). Whatever the backend raises for bytes it cannot use (GDAL's ``RasterioError`` and
+``CPLE_*`` errors, ``OpenSlideError``, Pillow's and tifffile's errors, imagecodecs', zlib's and struct's, short
+reads surfacing as ``OSError`` / ``EOFError`` / a ``ValueError`` reshaping a short buffer) becomes a one-line
+:class:`CorruptImageError` that names the file, what was being read (the window and level) and what to do. A
+:class:`~densevision.errors.DenseVisionError` raised inside passes unchanged.
+
+:func:`check_tiff_extents` is the check the backends skip: a TIFF whose tiles or strips point past the end of the
+file (a truncated copy) decodes through OpenSlide and GDAL as plausible pixels (a JPEG stream cut short is padded
+grey; a missing deflate tail is filled). It reads the directories only (tifffile), never pixel data.
+
+Not detectable by any reader here (measured, see ``tests/test_corrupt.py``): bytes overwritten inside a tile's
+JPEG entropy-coded data (JPEG has no checksum), and inside a deflate tile when GDAL / libtiff stop inflating once
+the tile is full, before the stream's Adler-32 is reached. Those tiles decode to other pixels of the same tile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import openslide
+import tifffile
+from rasterio._err import CPLE_BaseError
+from rasterio.errors import RasterioError
+
+from densevision.errors import CorruptImageError, DenseVisionError
+
+#: What a backend raises for bytes it cannot use. ``RuntimeError`` is imagecodecs' base (``ZlibError``,
+#: ``Jpeg8Error``, ...); ``ValueError`` covers tifffile's ``TiffFileError`` and a short buffer that cannot be reshaped;
+#: ``OSError`` Pillow's "image file is truncated", GDAL's ``RasterioIOError`` and short reads; ``SyntaxError`` Pillow's
+#: bad headers.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    EOFError,
+    ValueError,
+    SyntaxError,
+    RuntimeError,
+    zlib.error,
+    struct.error,
+    RasterioError,
+    CPLE_BaseError,
+    openslide.OpenSlideError,
+)
+
+WHAT_TO_DO = "the file is damaged (truncated or corrupt): re-export or re-copy it"
+
+
+def cause_text(e: BaseException) -> str:
+    """The backend's own words, on one line: GDAL's "Read failed. See previous exception" is followed to the
+    error it points to."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen and len(parts) < 3:
+        seen.add(id(cur))
+        text = " ".join(str(cur).split()) or type(cur).__name__
+        if "see previous exception" not in text.lower():
+            parts.append(text)
+        cur = cur.__cause__ or cur.__context__
+    return "; ".join(dict.fromkeys(parts)) or type(e).__name__
+
+
+@contextlib.contextmanager
+def decode_errors(path: str | os.PathLike[str], what: str, recover: Callable[[], None] | None = None) -> Iterator[None]:
+    """Turn a backend's failure inside the block into ``CorruptImageError("<path>: cannot read <what> (<cause>);
+    <what to do>")``.
+
+    ``recover`` runs first (its own failure is ignored): e.g. OpenSlide's errors are sticky, so the slide drops its
+    dead handle and reopens it for the next read.
+
+    Example::
+
+        with decode_errors(self.path, f"the window at {location} (level {level}, size {size})", self._recover):
+            return self._read(location, level, size)
+    """
+    try:
+        yield
+    except DenseVisionError:
+        raise
+    except DECODE_ERRORS as e:
+        if recover is not None:
+            with contextlib.suppress(Exception):
+                recover()
+        raise CorruptImageError(f"{path}: cannot read {what} ({cause_text(e)}); {WHAT_TO_DO}") from e
+
+
+def check_tiff_extents(path: Path, tif: tifffile.TiffFile) -> None:
+    """Raise CorruptImageError when the directories of ``tif`` do not fit the file: a tile or strip lying past the
+    end of the file or inside its header, a tile with bytes but no offset (or the reverse), or a directory chain
+    that does not end (the next directory cut off). A truncated copy shows all of these.
+
+    Tiles a writer left out on purpose (offset and byte count both 0: GDAL's sparse tiles) are allowed. Directories
+    tifffile cannot follow at all are left to the backends, which then fail on them."""
+    size = os.path.getsize(path)
+    t = tif.tiff
+    pages: list[tifffile.TiffPage] = []
+    try:
+        for page in tif.pages:
+            if isinstance(page, tifffile.TiffPage):
+                pages.append(page)
+    except DECODE_ERRORS as e:
+        if not pages:  # not even the first directory: the backends will say what is wrong
+            return
+        raise CorruptImageError(
+            f"{path}: TIFF directory {len(pages)} cannot be read ({cause_text(e)}): the file is truncated or its "
+            "directories are damaged; re-copy or re-export it"
+        ) from e
+    extents = [
+        (i, k, offset, count)
+        for i, page in enumerate(pages)
+        for k, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts, strict=False))
+    ]
+    # The last directory tifffile found must end the chain (next offset 0) and lie whole inside the file.
+    next_ifd = 0
+    if pages and not (tif.is_ndpi or tif.is_ome):  # NDPI's offsets are not plain TIFF; OME may use SubIFDs
+        fh = tif.filehandle
+        fh.seek(pages[-1].offset)
+        raw = fh.read(t.tagnosize)
+        entries = struct.unpack(t.tagnoformat, raw)[0] if len(raw) == t.tagnosize else 0
+        fh.seek(pages[-1].offset + t.tagnosize + entries * t.tagsize)
+        raw = fh.read(t.offsetsize)
+        next_ifd = struct.unpack(t.offsetformat, raw)[0] if len(raw) == t.offsetsize else pages[-1].offset
+    if next_ifd:
+        raise CorruptImageError(
+            f"{path}: TIFF directory {len(pages)} (at byte {next_ifd} of {size}) cannot be read: the file is "
+            "truncated or its directories are damaged; re-copy or re-export it"
+        )
+    header = 16 if t.offsetsize == 8 else 8
+    for i, k, offset, count in extents:
+        if offset + count > size or (count and offset < header) or (offset and not count):
+            raise CorruptImageError(
+                f"{path}: tile / strip {k} of TIFF directory {i} points outside the file's data (bytes "
+                f"{offset}..{offset + count} of {size}): the file is truncated or damaged; re-copy or re-export it"
+            )
