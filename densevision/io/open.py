@@ -16,7 +16,7 @@ from densevision.errors import (
     NotAFileError,
     UnsupportedFormatError,
 )
-from densevision.io.decode import check_tiff_extents, decode_errors
+from densevision.io.decode import DeflateChecksums, check_tiff_extents, decode_errors
 from densevision.io.plain import DEFAULT_MAX_PIXELS, PlainImageSource
 from densevision.io.raster import RasterSource
 from densevision.io.slide import OpenSlideSource
@@ -28,25 +28,29 @@ _PILLOW_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"GIF8")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
-def _inspect_tiff(path: Path) -> bool:
-    """Whether the TIFF at ``path`` is georeferenced; raises CorruptImageError when its tiles point past the end of
-    the file (see :func:`check_tiff_extents`)."""
+def _inspect_tiff(path: Path) -> tuple[bool, DeflateChecksums | None]:
+    """Whether the TIFF at ``path`` is georeferenced, and the checks of its deflate tiles; raises CorruptImageError
+    when its directories do not fit the file (see :func:`check_tiff_extents`)."""
     try:
         tif = tifffile.TiffFile(path)
     except Exception:  # not a TIFF tifffile can parse: let the other backends decide
-        return False
+        return False, None
     with tif:
         try:
             tags = tif.pages.first.tags
             geotiff = any(code in tags for code in _GEOTIFF_TAGS)
         except Exception:
-            return False
+            return False, None
         check_tiff_extents(path, tif)
-        return geotiff
+        return geotiff, DeflateChecksums.of(path, tif)
 
 
 def open_image(
-    path: str | os.PathLike[str], *, bands: Sequence[int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike[str],
+    *,
+    bands: Sequence[int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    verify_checksums: bool = True,
 ) -> ImageSource:
     """Open a slide, raster or plain image for windowed reading.
 
@@ -54,6 +58,11 @@ def open_image(
     OpenSlide (levels, mpp); PNG/JPEG/BMP/GIF and untiled TIFFs go to Pillow, refused above ``max_pixels``;
     anything else GDAL can open goes to rasterio. ``bands`` (1-based, in the wanted order) selects raster bands;
     slides and plain images are always RGB.
+
+    A damaged file is refused, not decoded into other pixels: the directories of a TIFF must fit the file, and with
+    ``verify_checksums`` every deflate tile a read touches is checked against its Adler-32, which GDAL and libtiff
+    skip (see :class:`~densevision.io.decode.DeflateChecksums`; it costs about one more inflate of the tiles read,
+    measured +75 % on bare 512 x 512 reads of a deflate GeoTIFF).
 
     Raises:
         ImageNotFoundError, NotAFileError, EmptyFileError, UnsupportedFormatError, CorruptImageError,
@@ -70,12 +79,17 @@ def open_image(
         magic = f.read(8)
 
     with decode_errors(p, "its header and directories"):
-        return _open(p, magic, bands, max_pixels)
+        is_tiff = magic.startswith(_TIFF_MAGIC)
+        geotiff, checksums = _inspect_tiff(p) if is_tiff else (False, None)
+        src = _open(p, magic, bands, max_pixels, geotiff)
+    if verify_checksums and src.backend != "pillow":  # Pillow decodes the whole image at open
+        src.checksums = checksums
+    return src
 
 
-def _open(p: Path, magic: bytes, bands: Sequence[int] | None, max_pixels: int) -> ImageSource:
+def _open(p: Path, magic: bytes, bands: Sequence[int] | None, max_pixels: int, geotiff: bool) -> ImageSource:
     is_tiff = magic.startswith(_TIFF_MAGIC)
-    if is_tiff and _inspect_tiff(p):
+    if geotiff:
         return RasterSource(p, bands)
     try:
         vendor = openslide.OpenSlide.detect_format(p)

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from densevision.errors import InvalidRegionError
-from densevision.io.decode import decode_errors
+from densevision.io.decode import DeflateChecksums, decode_errors
 
 
 class Region(NamedTuple):
@@ -87,6 +87,8 @@ class ImageSource(abc.ABC):
     def __init__(self, path: Path, facts: ImageFacts) -> None:
         self.path = path
         self.facts = facts
+        #: the deflate tiles' Adler-32 checks (set by ``open_image`` for TIFFs that have deflate tiles)
+        self.checksums: DeflateChecksums | None = None
 
     # Facts, OpenSlide-style names.
     @property
@@ -157,8 +159,14 @@ class ImageSource(abc.ABC):
             CorruptImageError: the backend cannot decode the window (the window and level named).
         """
         self.check_window(location, level, size)
-        with decode_errors(self.path, f"the window at {location} (level {level}, size {size})", self._recover):
-            return self._read(location, level, size)
+        what = f"the window at {location} (level {level}, size {size})"
+        with decode_errors(self.path, what, self._recover):
+            region = self._read(location, level, size)
+        if self.checksums is not None:
+            d = self.level_downsamples[level]
+            x, y = round(location[0] / d), round(location[1] / d)
+            self.checksums.verify(self.level_dimensions[level], (x, y, *size), what)
+        return region
 
     @abc.abstractmethod
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Region: ...
@@ -184,8 +192,13 @@ class ImageSource(abc.ABC):
         """
         if max_size < 1:
             raise InvalidRegionError(f"{self.path}: thumbnail size must be positive, got {max_size}")
-        with decode_errors(self.path, f"the thumbnail (at most {max_size} px a side)", self._recover):
-            return self._thumbnail(max_size)
+        what = f"the thumbnail (at most {max_size} px a side)"
+        with decode_errors(self.path, what, self._recover):
+            thumb = self._thumbnail(max_size)
+        if self.checksums is not None:
+            level = self.best_level_for_downsample(max(1.0, max(self.size) / max_size))
+            self.checksums.verify(self.level_dimensions[level], (0, 0, *self.level_dimensions[level]), what)
+        return thumb
 
     def _thumbnail(self, max_size: int) -> Thumbnail:
         W, H = self.size
