@@ -7,7 +7,7 @@ reads, and reopened if the dataset finds itself in a new process (a DataLoader w
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from densevision.errors import ConfigError, MissingResolutionError
+from densevision.errors import ConfigError, DenseVisionError, MissingResolutionError
 from densevision.io import ImageSource, open_image
 from densevision.io.scaling import ValueScale
 from densevision.io.source import resize_region
@@ -105,11 +105,44 @@ class TileDataset(Dataset):
         return state
 
 
+def worker_error(e: DenseVisionError) -> DenseVisionError:
+    """The error a reader worker raised, with its own one-line message.
+
+    A DataLoader re-raises a worker's exception in the main process as the same type built from a many-line text
+    ("Caught CorruptImageError in DataLoader worker process 1. Original Traceback ..."); the worker's message is
+    the traceback's last line. Errors not from a worker come back unchanged."""
+    text = str(e)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
+    if not (text.startswith("Caught ") and "DataLoader worker" in text and lines[-1].startswith(prefix)):
+        return e
+    error = type(e)(lines[-1][len(prefix) :])
+    error.__cause__ = e
+    return error
+
+
+class _TileLoader(DataLoader):
+    """A DataLoader whose workers' typed errors keep their one-line messages (see :func:`worker_error`)."""
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator over the base iterator
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except DenseVisionError as e:
+                raise worker_error(e) from e.__cause__
+            yield batch
+
+
 def tile_loader(
     dataset: TileDataset, *, batch_size: int, workers: int, pin_memory: bool = False, prefetch: int = 2
 ) -> DataLoader:
-    """Batches of tiles in order, read by ``workers`` processes with at most ``prefetch`` batches queued each."""
-    return DataLoader(
+    """Batches of tiles in order, read by ``workers`` processes with at most ``prefetch`` batches queued each. A
+    tile that cannot be read stops the loader with the reader's own typed error (e.g. CorruptImageError naming the
+    window), also when a worker process read it."""
+    return _TileLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
