@@ -219,7 +219,7 @@ class DeflateChecksums:
                 except zlib.error as e:
                     col, row = (i % d.count) % d.across, (i % d.count) // d.across
                     raise CorruptImageError(
-                        f"{self.path}: cannot read {where}: its deflate tile at column {col}, row {row} of the {d.width} x "
-                        f"{d.height} level does not decode ({e}); {WHAT_TO_DO}"
+                        f"{self.path}: cannot read {where}: its deflate tile at column {col}, row {row} of the "
+                        f"{d.width} x {d.height} level does not decode ({e}); {WHAT_TO_DO}"
                     ) from e
                 d.checked[i] = True
