@@ -20,6 +20,7 @@ the tile is full, before the stream's Adler-32 is reached. Those tiles decode to
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import struct
 import zlib
@@ -93,6 +94,33 @@ def decode_errors(path: str | os.PathLike[str], what: str, recover: Callable[[],
         raise CorruptImageError(f"{path}: cannot read {what} ({cause_text(e)}); {WHAT_TO_DO}") from e
 
 
+@contextlib.contextmanager
+def damaged_tags(path: Path) -> Iterator[None]:
+    """Raise CorruptImageError when tifffile, parsing ``path`` inside the block, had to skip a directory entry it
+    could not read (a tag of an invalid type, or whose value lies outside the file): tifffile only logs these, and
+    the backends then read the file as something else (e.g. a pyramid as one flat image)."""
+    complaints: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if "<TiffTag.fromfile> raised" in message:
+                complaints.append(message.split(" raised ", 1)[1])
+
+    log = logging.getLogger("tifffile")
+    handler = _Collect(logging.ERROR)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+    if complaints:
+        raise CorruptImageError(
+            f"{path}: a TIFF directory entry cannot be read ({' '.join(complaints[0].split())}): the file's "
+            "directories are damaged; re-copy or re-export it"
+        )
+
+
 def check_tiff_extents(path: Path, tif: tifffile.TiffFile) -> None:
     """Raise CorruptImageError when the directories of ``tif`` do not fit the file: a tile or strip lying past the
     end of the file or inside its header, a tile with bytes but no offset (or the reverse), or a directory chain
@@ -155,6 +183,8 @@ class _Directory:
             self.tw, self.th = int(page.tilewidth), int(page.tilelength)
         else:
             self.tw, self.th = self.width, int(page.rowsperstrip or self.height)
+        if min(self.width, self.height, self.tw, self.th) <= 0:
+            raise ValueError(f"directory of {self.width} x {self.height} pixels in tiles of {self.tw} x {self.th}")
         self.across = -(-self.width // self.tw)
         self.count = self.across * -(-self.height // self.th)
         self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
@@ -195,11 +225,12 @@ class DeflateChecksums:
         dirs: dict[tuple[int, int], _Directory] = {}
         with contextlib.suppress(*DECODE_ERRORS):
             for page in tif.pages:
-                if not isinstance(page, tifffile.TiffPage) or int(page.compression) not in _DEFLATE:
+                if not isinstance(page, tifffile.TiffPage) or page.compression not in _DEFLATE:
                     continue
                 if page.subfiletype & 4:  # a transparency mask: GDAL reads it apart
                     continue
-                dirs.setdefault((int(page.imagewidth), int(page.imagelength)), _Directory(page))
+                with contextlib.suppress(*DECODE_ERRORS, TypeError):  # tags of a damaged directory: not checked
+                    dirs.setdefault((int(page.imagewidth), int(page.imagelength)), _Directory(page))
         return cls(path, dirs) if dirs else None
 
     def verify(self, dimensions: tuple[int, int], window: tuple[int, int, int, int], where: str) -> None:
