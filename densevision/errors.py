@@ -62,5 +62,9 @@ class OutputError(DenseVisionError, OSError):
     """An output location cannot be written."""
 
 
+class DiskFullError(OutputError):
+    """The file system an output (or the work folder) is written to has no space left (or the quota is used up)."""
+
+
 class DatasetError(DenseVisionError, ValueError):
     """A training / evaluation dataset is missing, malformed, or does not fit the config (checked before training)."""

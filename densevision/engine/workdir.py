@@ -11,6 +11,7 @@ block by block) and :class:`RecordFolder` (detection: one record of arrays per t
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import json
 import os
@@ -22,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from densevision.errors import ConfigError, InvalidRegionError
-from densevision.io.atomic import replacing, write_json
+from densevision.errors import ConfigError, InvalidRegionError, OutputError
+from densevision.io.atomic import WRITE_ERRORS, disk_errors, remove_quietly, replacing, write_json
 
 
 class WorkFolder:
@@ -52,8 +53,9 @@ class WorkFolder:
                     "input and settings, or delete the folder to start over"
                 )
         else:
-            root.mkdir()
-            write_json(meta, expected)
+            with disk_errors(root):
+                root.mkdir()
+                write_json(meta, expected)
 
     def path(self, k: int) -> Path:
         return self.root / f"{self.kind}-{k:06d}.npz"
@@ -81,7 +83,7 @@ class RecordFolder(WorkFolder):
 
     def put(self, k: int, arrays: dict[str, np.ndarray]) -> None:
         """Commit row ``k``'s record."""
-        with replacing(self.path(k)) as tmp, tmp.open("wb") as f:
+        with disk_errors(self.partial(k)), replacing(self.path(k)) as tmp, tmp.open("wb") as f:
             np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
 
     def get(self, k: int) -> dict[str, np.ndarray]:
@@ -117,6 +119,7 @@ class BlockFolder(WorkFolder):
         super().__init__(root, fingerprint, resume=resume, rows=len(rows) - 1)
         self.row_edges, self.col_edges = list(rows), list(cols)
         self._open: dict[int, tuple[zipfile.ZipFile, set[int]]] = {}  # block row -> (its temporary file, blocks in)
+        self._failed: str | None = None  # why a block could not be written
 
     def put(self, y0: int, x0: int, classes: np.ndarray, probs: np.ndarray | None = None) -> None:
         """Add the block at ``(x0, y0)``: ``classes`` ``h x w``, ``probs`` ``h x w x C`` or None. Commits its block
@@ -131,6 +134,25 @@ class BlockFolder(WorkFolder):
                 f"{self.root}: block ({k}, {c}) is {shape[1]} x {shape[0]} pixels, got arrays of shape "
                 f"{classes.shape}" + (f" and {probs.shape}" if probs is not None else "")
             )
+        if self._failed is not None:
+            raise OutputError(
+                f"{self.root}: an earlier block could not be written ({self._failed}); run again with --resume"
+            )
+        try:
+            with disk_errors(self.partial(k)):
+                self._put(k, c, classes, probs)
+        except OutputError as e:
+            # The row's file is broken: drop it (its blocks are redone on resume) and refuse further blocks.
+            self._failed = " ".join(str(e).split()) or type(e).__name__
+            entry = self._open.pop(k, None)
+            if entry is not None:
+                with contextlib.suppress(*WRITE_ERRORS):
+                    entry[0].close()
+            remove_quietly(self.partial(k))
+            raise
+
+    def _put(self, k: int, c: int, classes: np.ndarray, probs: np.ndarray | None) -> None:
+        cols = self.col_edges
         if k not in self._open:
             if self.path(k).is_file():
                 raise InvalidRegionError(
@@ -154,7 +176,8 @@ class BlockFolder(WorkFolder):
 
     def close(self) -> None:
         for zf, _ in self._open.values():
-            zf.close()
+            with contextlib.suppress(*WRITE_ERRORS):  # an unfinished row: redone on resume anyway
+                zf.close()
         self._open.clear()
 
     def blocks(

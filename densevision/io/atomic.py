@@ -9,12 +9,18 @@ write to the same path replaces.
   creates); renamed onto ``path`` when the block ends, removed when it raises.
 - :func:`write_json`: a JSON document, written through :func:`replacing`.
 - :class:`AtomicWriter`: the base of the streaming writers (``densevision.io.writers``), same protocol.
+- :func:`disk_errors`: ``with disk_errors(path):`` around writing turns the failure of a write (``OSError``, GDAL's
+  ``RasterioError`` / ``CPLE_*``) into :class:`OutputError`, and a full file system (``ENOSPC``, ``EDQUOT``, or GDAL's
+  words for it, or no free space left in the folder) into :class:`DiskFullError` naming the mount point and the
+  file: "no space left on device on /data (writing /data/out.tif.partial.d/blocks-000003.npz.partial): free space
+  and run again with --resume".
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -23,8 +29,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from rasterio._err import CPLE_BaseError
+from rasterio.errors import RasterioError
 
-from densevision.errors import OutputError
+from densevision.errors import DenseVisionError, DiskFullError, OutputError
+
+#: What a failed write raises: ``OSError`` (Python's files, tifffile, zipfile; rasterio's ``RasterioIOError`` is
+#: one) and GDAL's errors that are not (``RasterioError``, ``CPLE_*``).
+WRITE_ERRORS: tuple[type[BaseException], ...] = (OSError, RasterioError, CPLE_BaseError)
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_WORDS = ("no space left", "disk space", "disk full", "quota exceeded", "disk quota")
+#: Less free space than this in the folder written to, after a write failed: the file system is full (GDAL often
+#: reports a full disk only as "Write error" or "Failed to read directory", without the errno).
+NEARLY_FULL_BYTES = 1 << 20
 
 
 def sibling(path: Path, suffix: str) -> Path:
@@ -60,6 +78,75 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def mount_point(path: str | os.PathLike[str]) -> Path:
+    """The mount point of the file system holding ``path`` (or its nearest existing folder)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _free_bytes(path: Path) -> int | None:
+    p = Path(os.path.abspath(path))
+    while not p.is_dir() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def disk_is_full(e: BaseException | None, path: str | os.PathLike[str]) -> bool:
+    """Whether a write to ``path`` failed (with ``e``, if known) because its file system has no space left."""
+    cur, seen = e, 0
+    while cur is not None and seen < 5:
+        if isinstance(cur, OSError) and cur.errno in _FULL_ERRNOS:
+            return True
+        if any(w in str(cur).lower() for w in _FULL_WORDS):
+            return True
+        cur, seen = cur.__cause__ or cur.__context__, seen + 1
+    free = _free_bytes(Path(path))
+    return free is not None and free < NEARLY_FULL_BYTES
+
+
+def as_output_error(e: BaseException | None, path: str | os.PathLike[str], what: str | None = None) -> OutputError:
+    """The one-line error for a failed write of ``path``: :class:`DiskFullError` when its file system is full,
+    else :class:`OutputError` with the backend's words (``what`` stands in for them when ``e`` is None)."""
+    if disk_is_full(e, path):
+        return DiskFullError(
+            f"no space left on device on {mount_point(path)} (writing {path}): free space and run again with --resume"
+        )
+    said = " ".join(str(e).split()) if e is not None else ""
+    return OutputError(
+        f"{path}: cannot write it ({said or what or 'unknown error'}); check the folder, its permissions and its "
+        "free space, then run again with --resume"
+    )
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | os.PathLike[str], *, only_full: bool = False) -> Iterator[None]:
+    """Turn a failed write inside the block into :func:`as_output_error`'s error for ``path``: a
+    :class:`DiskFullError` when the disk is full, else an :class:`OutputError`. With ``only_full``, errors other
+    than a full disk pass unchanged (for blocks that also read). A :class:`DenseVisionError` passes unchanged.
+
+    Example::
+
+        with disk_errors(self.partial):
+            self._ds.write(block, window=window)
+    """
+    try:
+        yield
+    except DenseVisionError:
+        raise
+    except WRITE_ERRORS as e:
+        if only_full and not disk_is_full(e, path):
+            raise
+        raise as_output_error(e, path) from e
+
+
 def remove_quietly(path: Path) -> None:
     """Remove the file or folder at ``path``, if there is one."""
     if path.is_dir() and not path.is_symlink():
@@ -75,7 +162,8 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
     block raises (or the rename fails) it is removed and ``path`` is left as it was.
 
     The output may be a file or a folder (the block creates it); a folder replaces an existing folder at ``path``
-    (which is removed just before the rename). A ``.partial`` left by an interrupted earlier write is removed first.
+    (which is removed just before the rename). A full disk inside the block is a :class:`DiskFullError`. A
+    ``.partial`` left by an interrupted earlier write is removed first.
     The folder of ``path`` must exist: check the path with :func:`check_output_path` before the slow work.
 
     Example::
@@ -87,10 +175,11 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
     partial = sibling(final, ".partial")
     remove_quietly(partial)
     try:
-        yield partial
-        if partial.is_dir() and final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        with disk_errors(partial, only_full=True):
+            yield partial
+            if partial.is_dir() and final.is_dir() and not final.is_symlink():
+                shutil.rmtree(final)
+            os.replace(partial, final)
     except BaseException:
         remove_quietly(partial)
         raise
@@ -135,8 +224,8 @@ class AtomicWriter(abc.ABC):
         if self._done:
             raise OutputError(f"{self.path}: the writer is already closed; open a new writer to write again")
 
-    def _open_error(self, e: OSError) -> OutputError:
-        return OutputError(f"{self.path}: cannot create the output file {self.partial} ({e}); check the path")
+    def _open_error(self, e: BaseException) -> OutputError:
+        return as_output_error(e, self.partial)
 
     @abc.abstractmethod
     def _finish(self) -> None:
@@ -152,8 +241,9 @@ class AtomicWriter(abc.ABC):
         if self._done:
             return self.path
         try:
-            self._finish()
-            os.replace(self.partial, self.path)
+            with disk_errors(self.partial):
+                self._finish()
+                os.replace(self.partial, self.path)
         except BaseException:
             self.abort()
             raise
@@ -166,7 +256,9 @@ class AtomicWriter(abc.ABC):
             return
         self._done = True
         try:
-            self._discard()
+            # Dropping the output: a failure to flush what is dropped (the disk is full) is not news.
+            with contextlib.suppress(*WRITE_ERRORS):
+                self._discard()
         finally:
             remove_quietly(self.partial)
 

@@ -121,12 +121,13 @@ def damaged_tags(path: Path) -> Iterator[None]:
         )
 
 
-def check_tiff_extents(path: Path, tif: tifffile.TiffFile) -> None:
+def check_tiff_extents(path: Path, tif: tifffile.TiffFile, *, sparse_ok: bool = True) -> None:
     """Raise CorruptImageError when the directories of ``tif`` do not fit the file: a tile or strip lying past the
     end of the file or inside its header, a tile with bytes but no offset (or the reverse), or a directory chain
     that does not end (the next directory cut off). A truncated copy shows all of these.
 
-    Tiles a writer left out on purpose (offset and byte count both 0: GDAL's sparse tiles) are allowed. Directories
+    Tiles a writer left out on purpose (offset and byte count both 0: GDAL's sparse tiles) are allowed unless
+    ``sparse_ok`` is False (a file we wrote ourselves, where a missing tile is a failed write). Directories
     tifffile cannot follow at all are left to the backends, which then fail on them."""
     size = os.path.getsize(path)
     t = tif.tiff
@@ -164,7 +165,7 @@ def check_tiff_extents(path: Path, tif: tifffile.TiffFile) -> None:
         )
     header = 16 if t.offsetsize == 8 else 8
     for i, k, offset, count in extents:
-        if offset + count > size or (count and offset < header) or (offset and not count):
+        if offset + count > size or (count and offset < header) or (offset and not count) or not (count or sparse_ok):
             raise CorruptImageError(
                 f"{path}: tile / strip {k} of TIFF directory {i} points outside the file's data (bytes "
                 f"{offset}..{offset + count} of {size}): the file is truncated or damaged; re-copy or re-export it"

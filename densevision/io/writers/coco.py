@@ -11,7 +11,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from densevision.errors import ConfigError, InvalidRegionError
-from densevision.io.atomic import AtomicWriter, jsonable
+from densevision.io.atomic import AtomicWriter, disk_errors, jsonable
 
 # pycocotools stores run lengths as 32-bit unsigned integers.
 _MAX_RLE_PIXELS = 2**32 - 1
@@ -113,7 +113,8 @@ class CocoResultsWriter(AtomicWriter):
             text = json.dumps(result, default=jsonable, allow_nan=False)
         except ValueError as e:
             raise ValueError(f"{self.path}: result {self.count} has NaN or infinite values ({e}); drop it") from e
-        self._file.write(("\n" if self.count == 0 else ",\n") + text)
+        with disk_errors(self.partial):
+            self._file.write(("\n" if self.count == 0 else ",\n") + text)
         self.count += 1
 
     def _finish(self) -> None:

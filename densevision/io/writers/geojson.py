@@ -21,7 +21,7 @@ from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
 
 from densevision.errors import ConfigError
-from densevision.io.atomic import AtomicWriter, jsonable
+from densevision.io.atomic import AtomicWriter, disk_errors, jsonable
 
 # A GeoJSON geometry mapping, a shapely geometry, or a box ``[x0, y0, x1, y1]``.
 Geometry: TypeAlias = Mapping[str, Any] | shapely.Geometry | Sequence[float]
@@ -178,7 +178,8 @@ class GeoJsonWriter(AtomicWriter):
                 raise ValueError(
                     f"{self.path}: feature {fid} has NaN or infinite values ({e}); drop or fix them"
                 ) from e
-            self._file.write(("\n" if self._first else ",\n") + text)
+            with disk_errors(self.partial):
+                self._file.write(("\n" if self._first else ",\n") + text)
             self._first = False
         self._pending.clear()
 

@@ -6,18 +6,36 @@ import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
 import rasterio.shutil
+import tifffile
 from affine import Affine
 from numpy.typing import DTypeLike
+from rasterio._err import CPLE_BaseError
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
-from densevision.errors import ConfigError, InvalidRegionError, OutputError
-from densevision.io.atomic import AtomicWriter, remove_quietly, sibling
+from densevision.errors import ConfigError, DenseVisionError, InvalidRegionError, OutputError
+from densevision.io.atomic import AtomicWriter, as_output_error, disk_errors, disk_is_full, remove_quietly, sibling
+from densevision.io.decode import check_tiff_extents
+
+
+def check_written_tiff(path: os.PathLike[str] | str, size: tuple[int, int]) -> None:
+    """Raise OutputError (DiskFullError when the disk is full) unless the TIFF GDAL wrote at ``path`` is whole: its
+    first directory of ``size`` ``(width, height)`` pixels, every tile inside the file, none left out."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            found = (int(page.imagewidth), int(page.imagelength))
+            if found != size:
+                raise ValueError(f"its first directory is {found[0]} x {found[1]} pixels, not {size[0]} x {size[1]}")
+            check_tiff_extents(Path(path), tif, sparse_ok=False)
+    except (DenseVisionError, ValueError, LookupError, OSError) as e:  # tifffile: no first page is an IndexError
+        raise as_output_error(None, path, f"the file GDAL wrote is incomplete: {e}") from e
 
 
 def scale_transform(transform: Affine, downsample: float | tuple[float, float]) -> Affine:
@@ -151,6 +169,8 @@ class GeoTiffWriter(AtomicWriter):
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 self._ds = rasterio.open(self.partial, "w", **profile)
         except RasterioError as e:
+            if disk_is_full(e, self.partial):
+                raise as_output_error(e, self.partial) from e
             raise OutputError(f"{self.path}: cannot create the GeoTIFF ({e}); check the path and the options") from e
         try:
             if colormap is not None:
@@ -187,10 +207,14 @@ class GeoTiffWriter(AtomicWriter):
         if h == 0 or w == 0:
             return
         a = cast_window(a, self.dtype, where)
-        self._ds.write(np.moveaxis(a, -1, 0), window=Window(x, y, w, h))
+        with disk_errors(self.partial):
+            self._ds.write(np.moveaxis(a, -1, 0), window=Window(x, y, w, h))
 
     def _finish(self) -> None:
-        self._ds.close()
+        with disk_errors(self.partial):
+            self._ds.close()
+        # GDAL reports a block it could not write (a full disk) in its log, not to the caller: check the file.
+        check_written_tiff(self.partial, (self.width, self.height))
         if not self.cog:
             return
         try:
@@ -205,8 +229,11 @@ class GeoTiffWriter(AtomicWriter):
                 RESAMPLING=self.overview_resampling.upper(),
                 BIGTIFF="IF_SAFER",
             )
-        except RasterioError as e:
+        except (RasterioError, CPLE_BaseError) as e:
+            if disk_is_full(e, self._cog_partial):
+                raise as_output_error(e, self._cog_partial) from e
             raise OutputError(f"{self.path}: converting to a Cloud-Optimized GeoTIFF failed: {e}") from e
+        check_written_tiff(self._cog_partial, (self.width, self.height))
         os.replace(self._cog_partial, self.partial)
 
     def _discard(self) -> None:

@@ -17,8 +17,8 @@ import imagecodecs
 import numpy as np
 import tifffile
 
-from densevision.errors import ConfigError, InvalidRegionError, OutputError
-from densevision.io.atomic import AtomicWriter, remove_quietly, sibling
+from densevision.errors import ConfigError, InvalidRegionError
+from densevision.io.atomic import AtomicWriter, as_output_error, disk_errors, remove_quietly, sibling
 from densevision.io.writers.geotiff import cast_window
 
 Downsampling = Literal["mode", "nearest", "mean"]
@@ -286,7 +286,9 @@ class PyramidTiffWriter(AtomicWriter):
                 f"{where} of {w} x {h} pixels leaves the {self.width} x {self.height} image; crop it first"
             )
         if h and w:
-            self._put(0, cast_window(a, np.dtype(np.uint8), where), x, y)
+            a = cast_window(a, np.dtype(np.uint8), where)
+            with disk_errors(self._spool_path):
+                self._put(0, a, x, y)
 
     def _put(self, level: int, a: np.ndarray, x: int, y: int) -> None:
         half = self.tile_size // 2
@@ -324,7 +326,7 @@ class PyramidTiffWriter(AtomicWriter):
                         software="densevision",
                     )
         except OSError as e:
-            raise OutputError(f"{self.path}: writing the pyramid TIFF failed ({e}); check the free disk space") from e
+            raise as_output_error(e, self.partial) from e
         finally:
             self._spool.close()
             remove_quietly(self._spool_path)
