@@ -48,7 +48,14 @@ from densevision.io.source import resize_region
 from densevision.predictors.base import DetectionPredictor, TileDetections
 from densevision.stitch import DetectionMerger, Detections, merge_detections
 from densevision.stitch.instances import PromptWindow, mask_to_polygons, merge_instance_polygons, prompt_windows
+from densevision.stitch.measure import Units, measure, qupath_names, rows, units_of
 from densevision.tiling import TileGrid
+
+
+def _measured(geoms: Sequence[shapely.Geometry], units: Units, *, descriptors: bool) -> list[dict[str, float]]:
+    """Each object's measurements (:mod:`densevision.stitch.measure`): area and perimeter, and with
+    ``descriptors`` (outlines from masks) solidity, circularity and elongation."""
+    return rows(measure(list(geoms), units, descriptors=descriptors))
 
 
 def _polygons_wkb(geoms: Sequence[shapely.Geometry]) -> dict[str, np.ndarray]:
@@ -117,6 +124,8 @@ class _ObjectOutputs:
     ) -> None:
         self.src, self.geojson, self.coco, self.names, self.palette = src, geojson, coco, names, palette
         self.counts = np.zeros(len(names), dtype=np.int64)
+        self.units = units_of(src)  # of level-0 pixels
+        self.area, self.perimeter = np.zeros(len(names)), np.zeros(len(names))
         self.partial = 0
         self.count = 0
         self.draw = ImageDraw.Draw(preview)
@@ -138,14 +147,17 @@ class _ObjectOutputs:
         self.partial += int(partial)
         name = self.names[label]
         shape = geom if geom is not None else shapely.box(*box)
+        measured = _measured([shape], self.units, descriptors=geom is not None)[0]
+        self.area[label] += measured[self.units.area_key]
+        self.perimeter[label] += measured[self.units.perimeter_key]
         if self.geojson.pixel_coordinates:
             self.geojson.add_qupath(
                 shape, object_type="detection", classification=name, color=self.palette[label],
-                measurements={"score": round(float(score), 6)}, id=k,
+                measurements={"score": round(float(score), 6), **qupath_names(measured)}, id=k,
             )  # fmt: skip
         else:
             props = {"class": name, "label": int(label), "score": round(float(score), 6), "partial": bool(partial)}
-            self.geojson.add(shape, {**props, "views": int(views)}, id=k)
+            self.geojson.add(shape, {**props, "views": int(views), **measured}, id=k)
         if self.coco is not None:
             x0, y0, x1, y1 = (float(v) for v in box)
             seg = _coco_segmentation(geom, self.src.size) if geom is not None else None
@@ -427,7 +439,11 @@ class DetectionTask(Task):
                     "raw": merger.added, "overview": overview_count, "objects": outputs.count,
                     "partial": outputs.partial, "max_held": merger.max_held,
                 },
-                "classes": [{"index": i, "name": n, "count": int(outputs.counts[i])} for i, n in enumerate(names)],
+                "classes": [
+                    {"index": i, "name": n, "count": int(outputs.counts[i]), outputs.units.area_key: outputs.area[i],
+                     outputs.units.perimeter_key: outputs.perimeter[i]}
+                    for i, n in enumerate(names)
+                ],
                 "pixel_area": {"value": area[0], "unit": area[1]} if area else None,
             },
             "timings": {"seconds_merging": merge_seconds, "seconds_sam": sam_seconds, "sam_windows": sam_windows},

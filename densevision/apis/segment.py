@@ -4,7 +4,8 @@ The segmentation task of :func:`~densevision.apis.job.run_job`. Its consumer: ti
 :class:`~densevision.stitch.SegmentationStitcher`, whose final cells, reduced to class indices (and probabilities),
 are regrouped into the grid's blocks and appended to their block row's file in the work folder. Its finishing step:
 the committed blocks streamed into the class map (COG for rasters, pyramidal TIFF for slides), the probabilities,
-the class counts and the preview.
+the class counts, the preview, and the regions' polygons (:mod:`densevision.stitch.polygons`: rank 0 traces them
+from the committed blocks, so they follow ``--resume`` and ``torchrun`` like the class map).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import contextlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import shapely
 import torch
 from PIL import Image
 
@@ -37,10 +40,13 @@ from densevision.engine.reader import TileDataset
 from densevision.engine.runner import BackgroundCalls, RunStats, TileRunner, batch_aligned
 from densevision.engine.workdir import BlockFolder, WorkFolder
 from densevision.errors import ConfigError
-from densevision.io import GeoTiffWriter, PyramidTiffWriter, Thumbnail, scale_transform
-from densevision.io.atomic import replacing
+from densevision.io import GeoJsonWriter, GeoTiffWriter, ImageSource, PyramidTiffWriter, Thumbnail, scale_transform
+from densevision.io.atomic import check_output_path, replacing
+from densevision.io.vectors import OgrWriter, vector_format
 from densevision.predictors.base import SegmentationPredictor
 from densevision.stitch import SegmentationStitcher, class_map, probabilities
+from densevision.stitch.measure import Units, measure, qupath_names, rows, units_of
+from densevision.stitch.polygons import Region, RegionTracer, valid
 from densevision.stitch.segmentation import BlockAssembler, block_edges, stitch_order
 from densevision.tiling.grid import axis_bounds
 
@@ -91,6 +97,118 @@ def _write_preview(
         Image.fromarray(overlay.astype(np.uint8)).save(tmp, format="PNG")
 
 
+def traced_classes(names: list[str], exclude: tuple[str, ...] | None) -> list[int]:
+    """The class indices that get polygons: all but those named in ``exclude`` (None: the background names)."""
+    if exclude is None:
+        return [i for i, n in enumerate(names) if n.lower() not in UNPAINTED]
+    unknown = [n for n in exclude if n not in names]
+    if unknown:
+        raise ConfigError(
+            f"cannot leave out class(es) {', '.join(map(repr, unknown))}: the model's classes are "
+            f"{', '.join(names)}; name them as the model does"
+        )
+    return [i for i, n in enumerate(names) if n not in exclude]
+
+
+class _Polygons:
+    """The class map's regions to a vector file: traced block by block (:class:`RegionTracer`), small ones
+    dropped, simplified, measured, mapped to level-0 pixels (slides: QuPath annotations) or through the class map's
+    transform (rasters), and summed per class."""
+
+    def __init__(self, settings: Segmentation, path: Path, src: ImageSource, downsample: float, width: int,
+                 height: int, names: list[str], palette: tuple[tuple[int, int, int], ...]) -> None:  # fmt: skip
+        self.names, self.palette, self.d = names, palette, downsample
+        self.classes = traced_classes(names, settings.exclude_classes)
+        self.simplify = settings.simplify
+        self.format = vector_format(path)
+        self.units = units_of(src).scaled(downsample)  # of class-map pixels
+        self.min_area_px = min_area_pixels(settings, self.units)
+        self.raster = src.backend == "rasterio"
+        # Rasters: class-map pixels through the class map's own transform (as the COG's), exactly as
+        # rasterio.features.shapes maps them; slides: class-map pixels times the downsample = level-0 pixels.
+        self.transform = scale_transform(src.transform, downsample) if self.raster and src.transform else None
+        crs = src.crs if self.transform is not None else None
+        self.native_crs = settings.native_crs and crs is not None
+        keys = [self.units.area_key, self.units.perimeter_key, "solidity", "circularity", "elongation"]
+        self.writer: GeoJsonWriter | OgrWriter
+        if self.format == "GeoJSON":
+            self.writer = GeoJsonWriter(path, transform=self.transform, crs=crs, native_crs=self.native_crs)
+        else:
+            fields: dict[str, type] = {"class": str, "label": int, **dict.fromkeys(keys, float)}
+            self.writer = OgrWriter(path, fields, transform=self.transform, crs=crs)
+        self.tracer = RegionTracer(width, height, self.classes, self._write, connectivity=settings.connectivity)
+        k = len(names)
+        self.count, self.dropped = np.zeros(k, np.int64), np.zeros(k, np.int64)
+        self.area, self.perimeter = np.zeros(k), np.zeros(k)
+        self.seconds = 0.0  # tracing, measuring, writing
+        self.seconds_reading = 0.0  # reading the blocks again (the second pass)
+
+    def add(self, y0: int, x0: int, cmap: np.ndarray) -> None:
+        started = time.perf_counter()
+        self.tracer.add(y0, x0, cmap)
+        self.seconds += time.perf_counter() - started
+
+    def _write(self, regions: list[Region]) -> None:
+        labels = np.array([r.label for r in regions], dtype=np.int64)
+        geoms = np.array([r.geometry for r in regions], dtype=object)
+        small = shapely.area(geoms) < self.min_area_px
+        np.add.at(self.dropped, labels[small], 1)
+        labels, geoms = labels[~small], geoms[~small]
+        if self.simplify > 0:
+            geoms = valid(shapely.simplify(geoms, self.simplify, preserve_topology=True))
+        measured = measure(geoms, self.units)
+        np.add.at(self.count, labels, 1)
+        np.add.at(self.area, labels, measured[self.units.area_key])
+        np.add.at(self.perimeter, labels, measured[self.units.perimeter_key])
+        if self.transform is None and self.d != 1:
+            geoms = shapely.transform(geoms, lambda xy: xy * self.d)
+        for label, geom, values in zip(labels.tolist(), geoms, rows(measured), strict=True):
+            name = self.names[label]
+            if isinstance(self.writer, GeoJsonWriter) and self.writer.pixel_coordinates:
+                self.writer.add_qupath(
+                    geom, object_type="annotation", classification=name, color=self.palette[label],
+                    measurements=qupath_names(values),
+                )  # fmt: skip
+            else:
+                self.writer.add(geom, {"class": name, "label": label, **values})
+
+    def finish(self) -> None:
+        started = time.perf_counter()
+        self.tracer.finish()
+        self.seconds += time.perf_counter() - started
+
+    def summary(self) -> dict[str, Any]:
+        u = self.units
+        coordinates = (
+            "level-0 pixels (QuPath)" if self.transform is None
+            else "EPSG:4326 (longitude, latitude)" if self.format == "GeoJSON" and not self.native_crs
+            else str(self.writer.crs)
+        )  # fmt: skip
+        return {
+            "path": str(self.writer.path), "format": self.format, "coordinates": coordinates,
+            "regions": int(self.count.sum()), "dropped_below_min_area": int(self.dropped.sum()),
+            "max_open_regions": self.tracer.max_open, "units": {"area": f"{u.unit}2", "length": u.unit},
+            "classes": [
+                {"index": i, "name": self.names[i], "regions": int(self.count[i]), u.area_key: float(self.area[i]),
+                 u.perimeter_key: float(self.perimeter[i])}
+                for i in self.classes
+            ],
+        }  # fmt: skip
+
+
+def min_area_pixels(settings: Segmentation, units: Units) -> float:
+    """``settings.min_area`` in class-map pixels; ``units`` are the class map's (see :class:`Units`)."""
+    value, unit = settings.min_area_threshold
+    if unit == "px":
+        return value
+    if unit is not None and unit != f"{units.unit}2":
+        known = f"{units.unit}2" if units.unit != "px" else "pixels (give it in px)"
+        raise ConfigError(
+            f"minimum area {value:g} {unit}: this image's areas are measured in {known}; give --min-area in that unit"
+        )
+    return value / units.pixel_area
+
+
 class SegmentationTask(Task):
     """Class map (and probabilities) of a whole image; see the module doc."""
 
@@ -99,6 +217,10 @@ class SegmentationTask(Task):
     def __init__(self, settings: Segmentation, predictor: SegmentationPredictor | None = None) -> None:
         self.settings = settings.check()
         self._predictor = predictor
+        self.polygons_path = None
+        if settings.polygons is not None:
+            vector_format(settings.polygons)
+            self.polygons_path = check_output_path(settings.polygons)
 
     def check_output(self, out: Path) -> None:
         if out.suffix.lower() not in (".tif", ".tiff"):
@@ -117,6 +239,12 @@ class SegmentationTask(Task):
         return self._predictor
 
     def fingerprint(self, job: Job) -> dict[str, Any]:
+        if self.polygons_path is not None:
+            # The polygon settings that need the model's classes and the image's resolution are checked here, before
+            # any tile is predicted (they do not change the committed blocks).
+            names = list(self.predictor(job.model, job.device).class_names)
+            traced_classes(names, self.settings.exclude_classes)
+            min_area_pixels(self.settings, units_of(job.src).scaled(job.geometry.downsample))
         return {"blend": self.settings.blend, "probabilities": self.settings.probability_output}
 
     def work_folder(self, job: Job, root: Path, fingerprint: dict[str, Any], resume: bool) -> BlockFolder:
@@ -221,25 +349,53 @@ class SegmentationTask(Task):
             )  # fmt: skip
         outputs = _Outputs(classes, probs, k, width, height)
         cols = work.col_edges
+        polygons = None
+        if self.polygons_path is not None:
+            polygons = _Polygons(self.settings, self.polygons_path, src, d, width, height, names, predictor.palette)
+        # The polygons need the blocks row-major: along with the class map when it is one strip wide, else in a
+        # second pass over the committed blocks (reading and inflating them again).
+        one_pass = width <= ASSEMBLY_STRIP
         with contextlib.ExitStack() as writers:  # each writer renamed into place on success, dropped on error
             writers.enter_context(classes)
             if probs is not None:
                 writers.enter_context(probs)
+            if polygons is not None:
+                writers.enter_context(polygons.writer)
             for x0 in range(0, width, ASSEMBLY_STRIP):
                 x1 = min(x0 + ASSEMBLY_STRIP, width)
                 span = (bisect.bisect_right(cols, x0) - 1, bisect.bisect_left(cols, x1))
                 for by, bx, cmap, p in work.blocks(span):
                     a, b = max(x0, bx) - bx, min(x1, bx + cmap.shape[1]) - bx
                     outputs(by, bx + a, cmap[:, a:b], None if p is None else p[:, a:b])
+                    if polygons is not None and one_pass:
+                        polygons.add(by, bx, cmap)
+            if polygons is not None:
+                if not one_pass:
+                    started = time.perf_counter()
+                    for by, bx, cmap, _ in work.blocks():
+                        polygons.add(by, bx, cmap)
+                    polygons.seconds_reading = time.perf_counter() - started - polygons.seconds
+                polygons.finish()
         preview_path = job.beside(".preview.png")
         _write_preview(preview_path, job.thumb, outputs.preview, predictor.palette, names)
         area = area_per_pixel(src, d)
         counts = outputs.counts
+        s = self.settings
         return {
-            "outputs": {"probabilities": str(probs.path) if probs else None, "preview": str(preview_path)},
+            "outputs": {
+                "probabilities": str(probs.path) if probs else None, "preview": str(preview_path),
+                "polygons": str(self.polygons_path) if self.polygons_path else None,
+            },
             "model": {},
-            "settings": {"blend": self.settings.blend},
+            "settings": {
+                "blend": s.blend,
+                **({"polygons": {
+                    "connectivity": s.connectivity, "simplify": s.simplify, "min_area": s.min_area,
+                    "min_area_pixels": polygons.min_area_px, "classes": [names[i] for i in polygons.classes],
+                }} if polygons else {}),
+            },
             "results": {
+                **({"regions": polygons.summary()} if polygons else {}),
                 "classes": [
                     {
                         "index": i,
@@ -251,8 +407,11 @@ class SegmentationTask(Task):
                 ],
                 "nodata_pixels": int(counts[k]),
             },
-            "timings": {},
-        }
+            "timings": {
+                **({"seconds_polygons": polygons.seconds, "seconds_polygons_reading": polygons.seconds_reading}
+                   if polygons else {}),
+            },
+        }  # fmt: skip
 
 
 def segment_image(
@@ -275,14 +434,19 @@ def segment_image(
     Rasters get a COG with the input's CRS and transform (scaled to the working resolution); slides and plain
     images get a pyramidal TIFF with the resolution in microns. Beside ``out``: ``*.summary.json`` (inputs,
     tiles done / skipped, timings, class areas), ``*.preview.png`` (overlay), and with ``probability_output``
-    ``*.probs.tif`` (float32 per class). Give ``config`` (a path or a shipped config's name) + ``checkpoint`` for an
+    ``*.probs.tif`` (float32 per class). With ``polygons`` (``.geojson``, ``.gpkg`` or ``.fgb``): one polygon per
+    connected region of each class, with its measurements (slides: QuPath annotations in level-0 pixels; rasters:
+    WGS84 GeoJSON, or the raster's CRS with ``native_crs`` and always in GeoPackage / FlatGeobuf), summed per class
+    in the summary's ``regions``. Give ``config`` (a path or a shipped config's name) + ``checkpoint`` for an
     mmsegmentation model, or a ready ``predictor``. Pixels that are not uint8 are stretched to 0..255
     (``value_range``, or per-band 2nd-98th percentiles of the thumbnail; see :mod:`densevision.io.scaling`).
 
     Settings come in groups (:mod:`densevision.apis.settings`: ``tiling``, ``reading``, ``compute``,
     ``segmentation``), or as keywords naming their fields: ``tile=512, overlap=64, batch_size=4, blend="gaussian",
     level=None, mpp=None, bands=None, value_range=None, skip_empty=True, workers=2, device="auto", amp=False,
-    progress=True, probability_output=False, cfg_options=None, trust_checkpoint=False``.
+    progress=True, probability_output=False, polygons=None, exclude_classes=None, min_area=0, simplify=0,
+    connectivity=4, native_crs=False, cfg_options=None, trust_checkpoint=False`` (see
+    :class:`~densevision.apis.settings.Segmentation`).
 
     Finished block rows are committed to ``<out>.partial.d/`` as the run goes; after a crash, ``resume=True`` redoes
     only what was not finished and gives the same bytes as an uninterrupted run.

@@ -10,19 +10,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from densevision.errors import ConfigError
 from densevision.stitch.blend import BLEND_MODES, check_blend
 from densevision.stitch.detection import MATCHES, METHODS, DetectionMerger
+from densevision.stitch.polygons import CONNECTIVITY, check_connectivity
 from densevision.tiling import TileGrid
 
 # The choices, from the layers that implement them (the command line offers these).
 MERGE_METHODS, MATCH_CRITERIA = METHODS, MATCHES
 __all__ = [
-    "BLEND_MODES", "DETECTION_TILING", "MATCH_CRITERIA", "MERGE_METHODS", "SEGMENTATION_TILING", "Compute",
-    "Detection", "Model", "Reading", "Segmentation", "Tiling", "gather", "refuse_unknown",
+    "AREA_UNITS", "BLEND_MODES", "CONNECTIVITY", "DETECTION_TILING", "MATCH_CRITERIA", "MERGE_METHODS",
+    "SEGMENTATION_TILING", "Compute", "Detection", "Model", "Reading", "Segmentation", "Tiling", "area_threshold",
+    "gather", "refuse_unknown",
 ]  # fmt: skip
 
 PathLike = str | os.PathLike[str]
@@ -111,17 +114,64 @@ class Compute:
     progress: bool = True
 
 
+AREA_UNITS = ("px", "um2", "m2")
+_AREA_SPELLINGS = {"px": "px", "pixels": "px", "um2": "um2", "µm2": "um2", "um^2": "um2", "µm^2": "um2", "um²": "um2",
+                   "µm²": "um2", "m2": "m2", "m^2": "m2", "m²": "m2"}  # fmt: skip
+_AREA = re.compile(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(\S*)$")
+
+
+def area_threshold(value: float | str) -> tuple[float, str | None]:
+    """``value`` as ``(number, unit)``: a number (unit None: the measurements' unit) or text such as ``"50"``,
+    ``"50um2"``, ``"2.5 m2"``, ``"100px"``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, unit = float(value), None
+    else:
+        found = _AREA.match(str(value).strip().lower())
+        number = float(found[1]) if found and (not found[2] or found[2] in _AREA_SPELLINGS) else math.nan
+        unit = _AREA_SPELLINGS[found[2]] if found and found[2] in _AREA_SPELLINGS else None
+    if not (math.isfinite(number) and number >= 0):
+        raise ConfigError(
+            f"minimum area (--min-area) must be a number >= 0 with an optional unit px, um2 or m2 (e.g. 50um2), got "
+            f"{value!r}"
+        )
+    return number, unit
+
+
 @dataclass(frozen=True)
 class Segmentation:
     """What segmentation writes: tiles combined by ``blend`` (see :mod:`densevision.stitch.blend`), and with
-    ``probability_output`` the per-class float32 probabilities beside the class map."""
+    ``probability_output`` the per-class float32 probabilities beside the class map.
+
+    ``polygons``: also a vector file (``.geojson``, ``.gpkg`` or ``.fgb``) with one polygon per connected region of
+    each class (:mod:`densevision.stitch.polygons`), its measurements beside it (:mod:`densevision.stitch.measure`).
+    ``exclude_classes``: class names that get no polygons (None: those named background, _background_, unlabeled
+    or unlabelled); ``min_area``: smaller regions are dropped, a number in the measurements' unit (um² for slides
+    with a resolution, m² for rasters in a metric CRS, level-0 pixels otherwise) or text with a unit (``"50um2"``,
+    ``"2m2"``, ``"100px"``: px are class-map pixels); ``simplify``: topology-preserving Douglas-Peucker tolerance in
+    class-map pixels (0: the exact pixel outlines); ``connectivity``: 4 or 8 as rasterio defines it;
+    ``native_crs``: GeoJSON for rasters in the raster's CRS instead of WGS84 (GeoPackage / FlatGeobuf always keep
+    it)."""
 
     blend: str = "gaussian"
     probability_output: bool = False
+    polygons: PathLike | None = None
+    exclude_classes: tuple[str, ...] | None = None
+    min_area: float | str = 0.0
+    simplify: float = 0.0
+    connectivity: int = 4
+    native_crs: bool = False
 
     def check(self) -> Segmentation:
         check_blend(self.blend)
+        area_threshold(self.min_area)
+        _positive("simplify tolerance (--simplify)", self.simplify, integer=False, zero=True)
+        check_connectivity(self.connectivity)
         return self
+
+    @property
+    def min_area_threshold(self) -> tuple[float, str | None]:
+        """``min_area`` as ``(number, unit)``; unit None: the measurements' unit."""
+        return area_threshold(self.min_area)
 
 
 @dataclass(frozen=True)
@@ -170,8 +220,9 @@ def gather(group: _G | None, default: _G, options: dict[str, Any]) -> _G:
     given = {k: options.pop(k) for k in list(options) if k in names}
     if "bands" in given and given["bands"] is not None:
         given["bands"] = tuple(given["bands"])
-    if "value_range" in given and given["value_range"] is not None:
-        given["value_range"] = tuple(given["value_range"])
+    for key in ("value_range", "exclude_classes"):
+        if key in given and given[key] is not None:
+            given[key] = tuple(given[key])
     return dataclasses.replace(base, **given) if given else base  # type: ignore[type-var]
 
 
