@@ -328,9 +328,13 @@ class PyramidTiffWriter(AtomicWriter):
         except OSError as e:
             raise as_output_error(e, self.partial) from e
         finally:
-            self._spool.close()
-            remove_quietly(self._spool_path)
+            try:
+                self._spool.close()
+            finally:
+                remove_quietly(self._spool_path)
 
     def _discard(self) -> None:
-        self._spool.close()
-        remove_quietly(self._spool_path)
+        try:
+            self._spool.close()  # may fail to flush on a full disk: the spool goes all the same
+        finally:
+            remove_quietly(self._spool_path)
