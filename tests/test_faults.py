@@ -119,6 +119,8 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_gives_the_same_bytes(s
         assert "\n" not in message
         assert message.startswith(f"no space left on device on {disk} (writing {disk}/seg.")
         assert message.endswith("free space and run again with --resume")
+        writing = message.split("(writing ", 1)[1].split(")", 1)[0]
+        assert ("seg.tif.partial.d/blocks-" in writing) == (where == "work folder"), writing
         assert isinstance(exc.value, OutputError) and exc.value.__cause__ is not None
         assert_nothing_finished(disk)
         assert (disk / "seg.tif.partial.d").is_dir()  # what was committed is kept for --resume
