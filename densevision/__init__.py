@@ -11,7 +11,7 @@ from densevision.errors import DenseVisionError
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from densevision.apis import detect_objects, segment_image, segment_instances
+    from densevision.apis import detect_objects, run_cohort, segment_image, segment_instances
     from densevision.io import ImageSource, Region, open_image
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "__version__",
     "detect_objects",
     "open_image",
+    "run_cohort",
     "segment_image",
     "segment_instances",
 ]
@@ -33,6 +34,7 @@ _LAZY = {
     "segment_image": "densevision.apis",
     "detect_objects": "densevision.apis",
     "segment_instances": "densevision.apis",
+    "run_cohort": "densevision.apis",
 }
 
 

@@ -10,11 +10,14 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from densevision.apis.cohort import run_cohort
     from densevision.apis.detect import detect_objects, segment_instances
     from densevision.apis.segment import segment_image
 
-_WHERE = {"detect_objects": "detect", "segment_instances": "detect", "segment_image": "segment"}
-__all__ = ["detect_objects", "segment_image", "segment_instances"]
+_WHERE = {
+    "detect_objects": "detect", "segment_instances": "detect", "segment_image": "segment", "run_cohort": "cohort",
+}  # fmt: skip
+__all__ = ["detect_objects", "run_cohort", "segment_image", "segment_instances"]
 
 
 def __getattr__(name: str) -> object:

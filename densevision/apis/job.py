@@ -15,6 +15,8 @@ layout, its consumer of predicted batches and its finishing step.
 from __future__ import annotations
 
 import abc
+import dataclasses
+import json
 import os
 import platform
 import time
@@ -27,7 +29,7 @@ import torch
 
 from densevision import __version__
 from densevision.apis.settings import Compute, Model, Reading, Tiling
-from densevision.engine.distributed import barrier, init_distributed, split_contiguous
+from densevision.engine.distributed import init_distributed, on_every_rank, split_contiguous
 from densevision.engine.reader import ReadGeometry, TileDataset, read_geometry
 from densevision.engine.runner import RunStats, TileRunner, resolve_device
 from densevision.engine.workdir import WorkFolder
@@ -59,9 +61,13 @@ class Job:
     compute: Compute
 
     def beside(self, suffix: str) -> Path:
-        """An output beside the main one: ``out/name.tif`` -> ``out/name<suffix>``."""
-        stem = self.out.with_suffix("")
-        return stem.with_name(stem.name + suffix)
+        return beside(self.out, suffix)
+
+
+def beside(out: Path, suffix: str) -> Path:
+    """An output beside the main one: ``out/name.tif`` -> ``out/name<suffix>``."""
+    stem = out.with_suffix("")
+    return stem.with_name(stem.name + suffix)
 
 
 class Task(abc.ABC):
@@ -69,6 +75,8 @@ class Task(abc.ABC):
 
     #: the summary's note when no tile has content
     empty_note: str
+    #: the task's own settings (a frozen dataclass): part of the run's request
+    settings: Any
 
     @abc.abstractmethod
     def check_output(self, out: Path) -> None:
@@ -156,6 +164,57 @@ def _path_or_none(p: str | os.PathLike[str] | None) -> str | None:
     return os.fspath(p) if p is not None else None
 
 
+def _file_stamp(path: str | os.PathLike[str] | None) -> Any:
+    """A file as its resolved path, size and modification time (a name that is no file: as given)."""
+    if path is None or not Path(path).is_file():
+        return _path_or_none(path)
+    st = os.stat(path)
+    return {"path": str(Path(path).resolve()), "bytes": st.st_size, "modified_ns": st.st_mtime_ns}
+
+
+def request_fingerprint(
+    image: str | os.PathLike[str],
+    task: type[Task],
+    settings: Any,
+    *,
+    model: Model,
+    tiling: Tiling,
+    reading: Reading,
+    compute: Compute,
+) -> dict[str, Any]:
+    """What a run is asked to do, known before the image is opened: the input file, the model files, every setting
+    that changes the outputs. The summary and the work folder keep it: a cohort skips an image whose summary holds
+    the same, and a resume must find the same."""
+    request = {
+        "task": task.__name__, "input": _file_stamp(image), "config": _file_stamp(model.config),
+        "checkpoint": _file_stamp(model.checkpoint), "cfg_options": model.cfg_options,
+        "tiling": dataclasses.asdict(tiling),
+        "reading": {k: v for k, v in dataclasses.asdict(reading).items() if k != "workers"},
+        "amp": compute.amp, "settings": dataclasses.asdict(settings),
+    }  # fmt: skip
+    return json.loads(json.dumps(request, default=str))  # as the JSON files hold it (tuples as lists, paths as text)
+
+
+def check_bands(src: ImageSource, in_channels: int | None) -> None:
+    """The bands fed must be the model's input channels: a 4-band raster for a 3-channel model, or one band that
+    would be silently broadcast, is refused before any tile is read."""
+    if in_channels is None or src.band_count == in_channels:
+        return
+    if src.band_count == 1:
+        fix = f"give --bands {' '.join(['1'] * in_channels)} to repeat its one band"
+    else:
+        first = " ".join(map(str, range(1, in_channels + 1)))
+        fix = f"choose {in_channels} of its bands with --bands (e.g. --bands {first})"
+    raise ConfigError(
+        f"{src.path}: {src.band_count} band(s) would be fed to a model that takes {in_channels} channels; {fix}"
+    )
+
+
+def work_folder_path(out: Path) -> Path:
+    """Where a run on ``out`` keeps its committed rows until it is finished."""
+    return out.with_name(out.name + ".partial.d")
+
+
 def run_job(
     image: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -166,20 +225,27 @@ def run_job(
     reading: Reading,
     compute: Compute,
     resume: bool = False,
+    ranks: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Run ``task`` over a whole image (see the module doc); returns the run summary, also written beside ``out``
-    as ``*.summary.json``. Under ``torchrun`` every rank calls this; ranks other than 0 return only their share."""
+    as ``*.summary.json``. Under ``torchrun`` every rank calls this; ranks other than 0 return only their share.
+    ``ranks`` (``(rank, world_size)``) overrides the process group's: ``(0, 1)`` runs the image on this process
+    alone (a cohort's ranks each take whole images)."""
     started = time.perf_counter()
     tiling, reading = tiling.check(), reading.check()
     out_path = check_output_path(out)
     task.check_output(out_path)
     device = resolve_device(compute.device)
-    rank, world = init_distributed(device)
+    rank, world = ranks or init_distributed(device)
+    request = request_fingerprint(
+        image, type(task), task.settings, model=model, tiling=tiling, reading=reading, compute=compute
+    )
 
     # The input is checked before the (slow) model build, so a wrong path fails at once.
     with open_image(image, **reading.open_options) as src, bounded_gdal_cache():
         geometry = read_geometry(src, level=reading.level, mpp=reading.mpp)
         predictor = task.predictor(model, device)
+        check_bands(src, getattr(predictor, "in_channels", None))
         width, height = working_size(src, geometry, reading.mpp)
         grid = TileGrid(width, height, tiling.tile, tiling.overlap, divisor=predictor.size_divisor)
         thumb = src.thumbnail(PREVIEW_SIZE)
@@ -194,25 +260,22 @@ def run_job(
             "mpp": reading.mpp, "bands": list(reading.bands) if reading.bands else None,
             "skip_empty": reading.skip_empty,
             "value_scale": [value_scale.lo, value_scale.hi] if value_scale else None,
-            **task.fingerprint(job),
+            "request": request, **task.fingerprint(job),
         }  # fmt: skip
-        root = out_path.with_name(out_path.name + ".partial.d")
-        # Rank 0 creates (or checks) the work folder; the others join it once it is there.
-        work = task.work_folder(job, root, fingerprint, resume) if rank == 0 else None
-        barrier(world)
+        root = work_folder_path(out_path)
+        # Rank 0 creates (or checks) the work folder; the others join it once it is there. A step that fails on one
+        # rank fails on all (on_every_rank), so that no rank waits for it.
+        work = on_every_rank(world, lambda: task.work_folder(job, root, fingerprint, resume) if rank == 0 else None)
         work = work or task.work_folder(job, root, fingerprint, True)
         rows_before = work.done()
         kept_per_row = np.bincount([t.row for t in grid if keep[t.index]], minlength=len(grid.ys))
         share = split_contiguous(kept_per_row, world)[rank]
-        stats = task.predict(
-            job, work, share,
-            TileDataset(src.path, [], geometry, reading.open_options, value_scale),
-            TileRunner(
-                batch_size=tiling.batch_size, workers=reading.workers, device=device, amp=compute.amp,
-                progress=compute.progress and rank == 0,
-            ),
+        runner = TileRunner(
+            batch_size=tiling.batch_size, workers=reading.workers, device=device, amp=compute.amp,
+            progress=compute.progress and rank == 0,
         )  # fmt: skip
-        barrier(world)
+        dataset = TileDataset(src.path, [], geometry, reading.open_options, value_scale)
+        stats = on_every_rank(world, lambda: task.predict(job, work, share, dataset, runner))
         if rank != 0:
             return {"rank": rank, "rows": list(share), "timings": stats.as_dict() if stats else {}}
         if work.done() != work.rows:
@@ -239,6 +302,7 @@ def run_job(
         "output_size": [width, height],
         "tiles": {"total": len(grid), "done": int(keep.sum()), "skipped": int((~keep).sum())},
         "resumed": {"rows_already_done": rows_before, "rows": work.rows} if resume else None,
+        "request": request,
         **parts["results"],
         "timings": {
             **(stats.as_dict() if stats else {}), **parts["timings"], "seconds_wall": time.perf_counter() - started

@@ -7,11 +7,21 @@ need no exchange of predictions: each commits its rows to the shared work folder
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from densevision.errors import DenseVisionError
+
+T = TypeVar("T")
+
+
+class OtherRankError(DenseVisionError, RuntimeError):
+    """Another rank of the run failed at a step all ranks take together (its log has the reason)."""
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -26,9 +36,26 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def barrier(world: int) -> None:
+def on_every_rank(world: int, step: Callable[[], T]) -> T:
+    """``step()`` on this rank, then a barrier that also tells every rank whether it succeeded everywhere: where it
+    raised, that rank raises its error and the others :class:`OtherRankError`, instead of one rank stopping while
+    the rest wait at the next barrier for as long as the process group's timeout."""
+    error: BaseException | None = None
+    result: T | None = None
+    try:
+        result = step()
+    except Exception as e:
+        error = e
     if world > 1:
-        dist.barrier()
+        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        ok = torch.tensor([0 if error else 1], device=on)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if error is None and not ok.item():
+            rank = int(os.environ.get("RANK", "0"))
+            raise OtherRankError(f"another rank of this run failed (see its log beside the output); rank {rank} stops")
+    if error is not None:
+        raise error
+    return result  # type: ignore[return-value]
 
 
 def split_contiguous(weights: np.ndarray, parts: int) -> list[tuple[int, int]]:

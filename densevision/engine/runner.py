@@ -111,7 +111,7 @@ class TileRunner:
         loader = tile_loader(
             dataset, batch_size=self.batch_size, workers=min(self.workers, len(dataset)), pin_memory=cuda
         )
-        bar = tqdm(total=len(dataset), unit="tile", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(total=len(dataset), unit="tile", disable=not self.progress, dynamic_ncols=True, leave=None)
         try:
             waited = time.perf_counter()
             for index, pixels, valid in loader:

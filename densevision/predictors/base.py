@@ -19,6 +19,12 @@ def class_palette(meta: dict[str, Any], k: int) -> tuple[tuple[int, int, int], .
     return tuple(tuple(int(v) for v in torch.randint(0, 256, (3,), generator=rng)) for _ in range(k))  # type: ignore[misc]
 
 
+def input_channels(model: Any) -> int | None:
+    """The channels a built model takes: the length of its ``data_preprocessor``'s mean (None when it has none)."""
+    mean = getattr(getattr(model, "data_preprocessor", None), "mean", None)
+    return int(mean.numel()) if isinstance(mean, torch.Tensor) else None
+
+
 @runtime_checkable
 class SegmentationPredictor(Protocol):
     """A segmentation model adapted to tiles.

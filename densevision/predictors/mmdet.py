@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from densevision.errors import ConfigError
-from densevision.predictors.base import TileDetections, class_palette
+from densevision.predictors.base import TileDetections, class_palette, input_channels
 from densevision.predictors.build import build_model
 
 
@@ -56,6 +56,7 @@ class MMDetPredictor:
         self.size_divisor = max(1, int(getattr(model.data_preprocessor, "pad_size_divisor", 1) or 1))
         self.has_masks = bool(getattr(model, "with_mask", False)) or hasattr(model, "mask_head")
         self.device = next(model.parameters()).device
+        self.in_channels = input_channels(model)  # checked against the bands fed
 
     @classmethod
     def from_config(

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from densevision.errors import ConfigError
-from densevision.predictors.base import class_palette
+from densevision.predictors.base import class_palette, input_channels
 from densevision.predictors.build import build_model
 
 
@@ -32,6 +32,7 @@ class MMSegPredictor:
         # Hierarchical backbones (Swin, ConvNeXt, ResNet) reduce by 32: tiles aligned to it keep features aligned.
         self.size_divisor = int(getattr(model.data_preprocessor, "size_divisor", None) or 32)
         self.device = next(model.parameters()).device
+        self.in_channels = input_channels(model)  # checked against the bands fed
 
     @classmethod
     def from_config(
