@@ -425,3 +425,44 @@ def test_polygons_under_torchrun_equal_one_process(scene, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (tmp_path / n / "regions.geojson" for n in ("one", "two"))
     assert two.read_bytes() == one.read_bytes()
+
+
+class Saturation(torch.nn.Module):
+    """Glass / stained from saturation, per pixel."""
+
+    num_classes, class_names = 2, ("glass", "stained")
+    palette, size_divisor, device = ((220, 220, 220), (180, 0, 180)), 16, torch.device("cpu")
+
+    @torch.no_grad()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        hi, lo = batch.max(dim=1).values, batch.min(dim=1).values
+        sat = (hi - lo) / hi.clamp(min=1)
+        return torch.stack([0.15 - sat, sat - 0.15], dim=1)
+
+
+def test_slide_at_a_lower_level_gives_level0_coordinates_and_microns(tmp_path):
+    """A generated slide (mpp 0.5) segmented at level 1 (downsample 2): the features are the class map's regions
+    scaled to level-0 pixels, measured in um2 / um at 1 um per class-map pixel."""
+    from densevision import open_image
+    from densevision.synthetic.slides import make_slide
+
+    slide = tmp_path / "slide.tiff"
+    make_slide(slide, 640, 512, tile_size=128, mpp=0.5, seed=4)
+    out = tmp_path / "regions.geojson"
+    summary = segment_image(slide, out=tmp_path / "seg.tif", predictor=Saturation(), polygons=out, level=1,
+                            exclude_classes=["glass"], **RUN)  # fmt: skip
+    assert summary["settings"]["downsample"] == 2
+    with open_image(tmp_path / "seg.tif") as seg:
+        cmap = np.ascontiguousarray(seg.read_region((0, 0), 0, seg.size).pixels[..., 0])
+    whole = reference(cmap, {1}, 4, Affine.scale(2))
+    feats = json.loads(out.read_text())["features"]
+    geoms = [shapely.geometry.shape(f["geometry"]) for f in feats]
+    assert len(whole[1]) > 3
+    assert_same_regions(geoms, whole[1])
+    for f, g in zip(feats, geoms, strict=True):
+        m = f["properties"]["measurements"]
+        assert m["Area µm^2"] == pytest.approx(g.area * 0.25, rel=1e-9)  # level-0 px are 0.5 um
+        assert m["Perimeter µm"] == pytest.approx(g.length * 0.5, rel=1e-9)
+        assert f["properties"]["classification"] == {"name": "stained", "color": [180, 0, 180]}
+    stained = summary["regions"]["classes"][0]
+    assert stained["name"] == "stained" and stained["area_um2"] == pytest.approx(sum(g.area for g in geoms) * 0.25)
