@@ -466,3 +466,55 @@ def test_slide_at_a_lower_level_gives_level0_coordinates_and_microns(tmp_path):
         assert f["properties"]["classification"] == {"name": "stained", "color": [180, 0, 180]}
     stained = summary["regions"]["classes"][0]
     assert stained["name"] == "stained" and stained["area_um2"] == pytest.approx(sum(g.area for g in geoms) * 0.25)
+
+
+QGIS = textwrap.dedent(
+    """
+    import json, os, sys
+    from qgis.core import QgsApplication, QgsVectorLayer
+    app = QgsApplication([], False)
+    app.initQgis()
+    found = {}
+    for path in sys.argv[1:]:
+        layer = QgsVectorLayer(path, "regions", "ogr")
+        e = layer.extent()
+        found[path] = {"valid": layer.isValid(), "crs": layer.crs().authid(), "count": layer.featureCount(),
+                       "extent": [e.xMinimum(), e.yMinimum(), e.xMaximum(), e.yMaximum()]}
+    print(json.dumps(found), flush=True)
+    os._exit(0)  # QgsApplication.exitQgis() crashes headless QGIS 3.22 at exit
+    """
+)
+
+
+def _qgis_present() -> bool:
+    try:
+        return subprocess.run(["/usr/bin/python3", "-c", "import qgis.core"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not _qgis_present(), reason="QGIS is not importable by /usr/bin/python3 (apt-get install python3-qgis)"
+)
+def test_outputs_open_in_qgis_with_their_crs_and_extent(scene, tmp_path):
+    import os
+
+    path, _, _ = scene
+    outs = {s: tmp_path / f"regions{s}" for s in (".gpkg", ".fgb", ".geojson")}
+    for suffix, out in outs.items():
+        segment_image(path, out=tmp_path / f"seg{suffix}.tif", predictor=PatternPredictor(), polygons=out, **RUN)
+    proc = subprocess.run(["/usr/bin/python3", "-c", QGIS, *map(str, outs.values())], capture_output=True, text=True,
+                          env=dict(os.environ, QT_QPA_PLATFORM="offscreen"), timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    for suffix, out in outs.items():
+        q = found[str(out)]
+        if suffix == ".geojson":
+            geoms = [shapely.geometry.shape(f["geometry"]) for f in json.loads(out.read_text())["features"]]
+            crs = "EPSG:4326"
+        else:
+            geoms, crs = list(shapely.from_wkb(pyogrio.raw.read(out)[2])), "EPSG:32631"
+        assert q["valid"] and q["crs"] == crs and q["count"] == len(geoms)
+        np.testing.assert_allclose(q["extent"], shapely.total_bounds(geoms), rtol=1e-12, atol=1e-9)
+    assert "may only be partially supported" not in proc.stderr  # GeoPackage 1.2, which QGIS 3.22's GDAL reads

@@ -150,6 +150,8 @@ class OgrWriter(AtomicWriter):
                     str(self._stage), wkb, [c for c, _ in columns], list(self.fields),
                     field_mask=masks if any(m is not None for m in masks) else None, layer=self.layer, driver="GPKG",
                     geometry_type="MultiPolygon", crs=self.crs, append=self._written > 0,
+                    # GeoPackage 1.2: read without warnings by older GDALs too (QGIS 3.22 on Debian's GDAL 3.6).
+                    dataset_options=None if self._written else {"VERSION": "1.2"},
                 )  # fmt: skip
         except Exception as e:
             raise OutputError(f"{self.path}: writing features failed ({e}); check the path and free space") from e
