@@ -518,3 +518,32 @@ def test_outputs_open_in_qgis_with_their_crs_and_extent(scene, tmp_path):
         assert q["valid"] and q["crs"] == crs and q["count"] == len(geoms)
         np.testing.assert_allclose(q["extent"], shapely.total_bounds(geoms), rtol=1e-12, atol=1e-9)
     assert "may only be partially supported" not in proc.stderr  # GeoPackage 1.2, which QGIS 3.22's GDAL reads
+
+
+@pytest.mark.parametrize("masks", [False, True])
+def test_detections_and_instance_masks_are_measured_in_metres(tmp_path, masks):
+    """Each object's area and perimeter are its written outline's in the raster's CRS (metres); masks also get the
+    shape descriptors; the summary sums them per class."""
+    from densevision import detect_objects
+    from densevision.synthetic.detectors import ColourDetector
+    from densevision.synthetic.planted import Planted
+    from densevision.synthetic.rasters import make_geotiff
+
+    colours = {"magenta": (255, 0, 255), "cyan": (0, 255, 255)}
+    plant = [Planted(40 + 90 * i, 60 + 40 * (i % 2), 70 + 90 * i, 100 + 40 * (i % 2), color=colours[name],
+                     shape="ellipse" if i % 2 else "rect", label=name)
+             for i, name in enumerate(["magenta", "cyan", "magenta", "cyan"])]  # fmt: skip
+    path = tmp_path / "scene.tif"
+    make_geotiff(path, 420, 260, plant=plant, pixel_size=2.0, seed=1, overviews=False)
+    out = tmp_path / "objects.geojson"
+    summary = detect_objects(path, out=out, predictor=ColourDetector(colours, masks=masks), tile=128, overlap=64,
+                             workers=0, progress=False, native_crs=True, masks=masks)  # fmt: skip
+    feats = json.loads(out.read_text())["features"]
+    assert len(feats) == len(plant)
+    for f in feats:
+        g, p = shapely.geometry.shape(f["geometry"]), f["properties"]
+        assert p["area_m2"] == pytest.approx(g.area, rel=1e-9) and p["perimeter_m"] == pytest.approx(g.length)
+        assert ("solidity" in p) == ("circularity" in p) == ("elongation" in p) == masks
+    for c in summary["classes"]:
+        mine = [f for f in feats if f["properties"]["class"] == c["name"]]
+        assert c["area_m2"] == pytest.approx(sum(f["properties"]["area_m2"] for f in mine))
