@@ -148,7 +148,9 @@ class Segmentation:
     or unlabelled); ``min_area``: smaller regions are dropped, a number in the measurements' unit (um² for slides
     with a resolution, m² for rasters in a metric CRS, level-0 pixels otherwise) or text with a unit (``"50um2"``,
     ``"2m2"``, ``"100px"``: px are class-map pixels); ``simplify``: topology-preserving Douglas-Peucker tolerance in
-    class-map pixels (0: the exact pixel outlines); ``connectivity``: 4 or 8 as rasterio defines it;
+    class-map pixels (0: the exact pixel outlines; each region keeps its holes and stays valid, but is simplified
+    on its own, so the shared border of two neighbouring regions may move apart by up to the tolerance);
+    ``connectivity``: 4 or 8 as rasterio defines it;
     ``native_crs``: GeoJSON for rasters in the raster's CRS instead of WGS84 (GeoPackage / FlatGeobuf always keep
     it)."""
 
