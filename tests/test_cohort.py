@@ -223,6 +223,11 @@ def test_shards_split_the_cohort_and_claims_of_live_processes_are_left_alone(mod
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (out / "scene.tif.claim").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid}))
+    # Another machine's marker that has not been refreshed for longer than the timeout: taken over too.
+    (out / "a").mkdir()
+    stale = out / "a" / "case.tif.claim"
+    stale.write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
     assert main(["segment", *inputs, "-o", str(out), "--shard", "1/2", *_args(model)]) == 0
     assert main(["segment", *inputs, "-o", str(out), "--shard", "2/2", *_args(model)]) == 0
     one = json.loads((out / "cohort.shard-1-of-2.json").read_text())
@@ -232,6 +237,35 @@ def test_shards_split_the_cohort_and_claims_of_live_processes_are_left_alone(mod
     status = {r["name"]: r["status"] for r in one["rows"] + two["rows"]}
     assert status["photo"] == "running" and not (out / "photo.tif").exists()
     assert status["scene"] == "done" and not (out / "scene.tif.claim").exists()  # taken over, released
+    assert status["a/case"] == "done" and not stale.exists()
+
+
+def test_a_detection_cohort_writes_each_images_objects_and_coco_results_beside_them(cohort, tmp_path):
+    import torch
+    from mmengine.config import Config
+
+    from densevision.predictors.mmdet import MMDetPredictor
+
+    classes = ("ship", "car")
+    cfg = Config.fromfile(find_config("demo/dino_swin-tiny_demo-256")).model
+    cfg["bbox_head"]["num_classes"] = len(classes)
+    config, checkpoint = tmp_path / "det.py", tmp_path / "det.pth"
+    Config({"model": cfg.to_dict(), "metainfo": {"classes": classes}}).dump(config)
+    weights = MMDetPredictor.from_config(config).model.state_dict()
+    torch.save({"state_dict": weights, "meta": {"dataset_meta": {"classes": classes}}}, checkpoint)
+    args = ["-c", str(config), "-w", str(checkpoint), "--tile", "128", "--overlap", "16", "--score-threshold", "0.05"]
+    images = [cohort / "scene.tif", cohort / "photo.png"]
+    out = tmp_path / "out"
+    assert main(["detect", *map(str, images), "-o", str(out), "--coco", "-q", *args]) == 0
+    for image in images:
+        single = tmp_path / "single" / f"{image.stem}.geojson"
+        assert main(["detect", str(image), "-o", str(single), "--coco", "-q", *args]) == 0
+        assert (out / f"{image.stem}.geojson").read_bytes() == single.read_bytes()
+        assert (out / f"{image.stem}.coco.json").read_bytes() == single.with_suffix(".coco.json").read_bytes()
+    rows = _report(out)
+    assert {r["status"] for r in rows.values()} == {"done"} and "ship count" in rows["scene"] and "ship area_m2" in rows["scene"]
+    code = main(["detect", *map(str, images), "-o", str(out), "--coco", str(tmp_path / "one.json"), "-q", *args])
+    assert code == 2  # one COCO file for many images: a usage error
 
 
 @pytest.mark.slow

@@ -330,6 +330,16 @@ def test_streamed_tall_scene_is_exact():
 # ---- 4. degenerate input ---------------------------------------------------------------------------------
 
 
+def test_boxes_in_the_padding_of_a_tile_larger_than_the_image_are_dropped():
+    """A 120 x 90 image in a 128 tile: the model sees 8 and 38 pixels of padding, and may find things there."""
+    grid = TileGrid(120, 90, 128, 16)
+    (tile,) = list(grid)
+    boxes = [[10.0, 10, 30, 30], [30, 100, 50, 126], [121, 5, 127, 20], [100, 80, 125, 100]]
+    res = merge_detections(grid, [(tile, boxes, [0.9, 0.8, 0.7, 0.6], [0, 1, 1, 0])])
+    # the first is in the image, the next two lie wholly in the padding, the last is cut at the image's corner
+    assert sorted(res.boxes.tolist()) == [[10.0, 10.0, 30.0, 30.0], [100.0, 80.0, 120.0, 90.0]]
+
+
 def test_empty_tiles_and_empty_grid():
     grid = TileGrid(200, 150, 64, 16)
     calls = []

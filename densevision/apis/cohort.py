@@ -194,9 +194,10 @@ def _row(entry: _Entry, status: str, record: dict[str, Any] | None) -> dict[str,
             tiles_done=tiles.get("done"), tiles_skipped=tiles.get("skipped"), tiles_total=tiles.get("total"),
             seconds=round(float(record.get("timings", {}).get("seconds_wall", 0.0)), 3), summary=record.get("summary"),
         )  # fmt: skip
-        for c in record.get("classes", []):  # areas (um2 / m2) where the resolution is known, else pixels; counts
-            measure = next((k for k in c if k.startswith("area_")), "count" if "count" in c else "pixels")
-            row["classes"][f"{c['name']} {measure}"] = c.get(measure)
+        for c in record.get("classes", []):  # object counts, pixels, areas (um2 / m2 where the resolution is known)
+            for k, v in c.items():
+                if k in ("count", "pixels") or k.startswith("area_"):
+                    row["classes"][f"{c['name']} {k}"] = v
     return row
 
 

@@ -247,6 +247,11 @@ class DetectionMerger:
         self._check_tile(tile)
         b, s, lab, ident = self._validate(tile, boxes, scores, labels, ids)
         window, interior = self._window(tile)
+        # A tile larger than the image is padded, and a model may find things in the padding: not in the image.
+        inside = (b[:, 0] < self.grid.width * self.scale) & (b[:, 1] < self.grid.height * self.scale)
+        if not inside.all():
+            b, s, lab = b[inside], s[inside], lab[inside]
+            ident = ident[inside] if ident is not None else None
         n = len(b)
         uid0 = self._next_uid
         if n:
