@@ -263,7 +263,8 @@ def test_a_detection_cohort_writes_each_images_objects_and_coco_results_beside_t
         assert (out / f"{image.stem}.geojson").read_bytes() == single.read_bytes()
         assert (out / f"{image.stem}.coco.json").read_bytes() == single.with_suffix(".coco.json").read_bytes()
     rows = _report(out)
-    assert {r["status"] for r in rows.values()} == {"done"} and "ship count" in rows["scene"] and "ship area_m2" in rows["scene"]
+    assert {r["status"] for r in rows.values()} == {"done"}
+    assert "ship count" in rows["scene"] and "ship area_m2" in rows["scene"]
     code = main(["detect", *map(str, images), "-o", str(out), "--coco", str(tmp_path / "one.json"), "-q", *args])
     assert code == 2  # one COCO file for many images: a usage error
 
