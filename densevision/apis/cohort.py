@@ -82,9 +82,15 @@ class _Tasks:
         self.built = False
 
     def settings_for(self, out: Path) -> Any:
+        """The image's own files beside its main output: COCO results, and polygons in the format asked for (the
+        suffix of the path given, or a format alone: ``gpkg``)."""
         s = self.settings
-        if isinstance(s, Detection) and s.coco_out is not None:  # one COCO file per image, beside its objects
+        if isinstance(s, Detection) and s.coco_out is not None:
             return dataclasses.replace(s, coco_out=beside(out, ".coco.json"))
+        if isinstance(s, Segmentation) and s.polygons is not None:
+            given = str(s.polygons)
+            fmt = Path(given).suffix or "." + given.lstrip(".")
+            return dataclasses.replace(s, polygons=beside(out, f".polygons{fmt}"))
         return s
 
     def _make(self, settings: Any) -> Task:
@@ -95,11 +101,13 @@ class _Tasks:
     def build(self, model: Model, device: Any) -> None:
         """The model (and SAM), once; a config or checkpoint that does not load stops the cohort."""
         if not self.built:
-            task = self._make(
-                dataclasses.replace(self.settings, coco_out=None)
-                if isinstance(self.settings, Detection)
-                else self.settings
+            s = self.settings
+            no_files = (
+                dataclasses.replace(s, coco_out=None)
+                if isinstance(s, Detection)
+                else dataclasses.replace(s, polygons=None)
             )
+            task = self._make(no_files)
             self.predictor = task.predictor(model, device)
             self.sam = getattr(task, "sam", None)
             self.built = True

@@ -17,10 +17,14 @@ from typing import Any, NoReturn
 
 from densevision import __version__
 from densevision.cli.logs import LogFile, default_log_dir, library_output, say
-from densevision.errors import DenseVisionError
+from densevision.errors import ConfigError, DenseVisionError
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
+INPUT_HELP = (
+    "slide, raster or image; several, a folder (see --pattern) or a manifest (.csv with a path column and optional "
+    "name, mpp, level, bands columns; .txt with a path a line) make a cohort"
+)
 VERBOSE = "show the libraries' logs and warnings on the terminal too (they always go to the log file)"
 
 DESCRIPTION = """\
@@ -35,11 +39,13 @@ examples:
   densevision info slide.svs scene.tif
   densevision segment slide.svs -c upernet_swin-t_ade20k-512 -w tissue.pth -o out/slide.tif --mpp 1.0
   densevision detect scene.tif -c dino_swin-t_fpn_coco -w ships.pth -o out/ships.geojson --tile 800 --overlap 160
+  densevision segment slides/ -c upernet_swin-t_ade20k-512 -w tissue.pth -o out/ --pattern '*.svs' --mpp 1.0
   densevision instances slide.svs -c dino_swin-t_fpn_coco -w nuclei.pth --sam sam_vit_b_01ec64.pth -o out/n.geojson
   densevision train -c upernet_swin-t_ade20k-512 --data-root data/my_ade --work-dir work/seg
   densevision test -c work/seg/upernet_swin-t_ade20k-512.py -w work/seg/iter_160000.pth --data-root data/my_ade
   densevision demo                      # the main job on generated images from the shipped samples, scored
   torchrun --nproc_per_node 2 -m densevision.cli segment slide.svs -c ... -o out/slide.tif   # several processes
+  torchrun --nproc_per_node 4 -m densevision.cli segment cohort.csv -c ... -o out/   # ranks claim the images
 
 Bad input prints one line starting with 'densevision: error:' and exits 2; -v shows the libraries' logs.
 """
@@ -124,31 +130,89 @@ def _report_job(summary: dict[str, Any], lines: list[str]) -> int:
     return 0
 
 
+def is_cohort(args: argparse.Namespace) -> bool:
+    """Several inputs, a folder, a manifest, or an output that is a folder: a cohort into the folder ``-o``."""
+    from densevision.apis.cohort import MANIFEST_SUFFIXES
+
+    first, out = Path(args.inputs[0]), Path(args.out)
+    return (
+        len(args.inputs) > 1 or first.is_dir() or first.suffix.lower() in MANIFEST_SUFFIXES
+        or out.is_dir() or args.out.endswith(("/", os.sep)) or not out.suffix
+    )  # fmt: skip
+
+
+def _run_cohort(args: argparse.Namespace, **task_settings: Any) -> int:
+    from densevision.apis.cohort import SUFFIXES, run_cohort
+
+    if Path(args.out).suffix.lower() == SUFFIXES[args.command]:
+        raise ConfigError(f"-o {args.out}: several images go into a folder; give -o a folder (e.g. -o results/)")
+    settings = _job_settings(args)
+    settings.pop("resume")  # a cohort always continues what it finds
+    result = run_cohort(
+        args.inputs, args.out, args.command, pattern=args.pattern, overwrite=args.overwrite, fail_fast=args.fail_fast,
+        shard=args.shard, split_above=int(args.split_above * 1e6), log=say, **settings, **task_settings,
+    )  # fmt: skip
+    if "rank" in result:
+        return 0
+    n = result["counts"]
+    ran = n["done"] - result["already_done"]
+    say(
+        f"cohort: {n['done']} of {result['images']} done ({ran} now, {result['already_done']} before), "
+        f"{n['failed']} failed, {n['changed']} with other settings, {n['running'] + n['pending']} left "
+        f"in {result['seconds_wall']:.1f} s"
+    )
+    for row in result["rows"]:
+        if row["status"] in ("failed", "changed"):
+            say(f"  {row['status']} {row['name']}: {row['error']}")
+    say(f"report: {result['report']['csv']}")
+    return EXIT_INTERNAL if n["failed"] or n["changed"] else 0
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
+    from densevision.apis.job import beside
     from densevision.apis.segment import segment_image
     from densevision.apis.settings import Segmentation
 
-    summary = segment_image(
-        args.input, out=args.out, segmentation=Segmentation(args.blend, args.probabilities), **_job_settings(args)
-    )
+    polygons = args.polygons
+    if polygons is not None and not is_cohort(args) and not Path(polygons).suffix:  # a format: beside the class map
+        polygons = beside(Path(args.out), f".polygons.{polygons.lstrip('.')}")
+    segmentation = Segmentation(
+        args.blend, args.probabilities, polygons=polygons,
+        exclude_classes=tuple(args.exclude_classes) if args.exclude_classes is not None else None,
+        min_area=args.min_area, simplify=args.simplify, connectivity=args.connectivity, native_crs=args.native_crs,
+    )  # fmt: skip
+    if is_cohort(args):
+        return _run_cohort(args, segmentation=segmentation)
+    summary = segment_image(args.inputs[0], out=args.out, segmentation=segmentation, **_job_settings(args))
     lines = [f"segmentation: {summary.get('output')}"]
     if summary.get("probabilities"):
         lines.append(f"probabilities: {summary['probabilities']}")
+    if summary.get("polygons"):
+        lines.append(f"polygons: {summary['polygons']} ({summary['regions']['regions']} regions)")
     return _report_job(summary, lines)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
     from densevision.apis.detect import detect_objects
+    from densevision.apis.job import beside
     from densevision.apis.settings import Detection
 
     instances = args.command == "instances"
+    cohort = is_cohort(args)
+    if cohort and args.coco:
+        raise ConfigError(f"--coco {args.coco}: names one file; in a cohort give --coco alone (one beside each image)")
+    coco = args.coco
+    if coco == "":  # --coco alone: beside the objects (in a cohort: beside each image's)
+        coco = "" if cohort else beside(Path(args.out), ".coco.json")
     detection = Detection(
         score_threshold=args.score_threshold, merge=args.merge, match=args.match,
         match_threshold=args.match_threshold, class_agnostic=args.class_agnostic, overview=args.overview,
         masks=True if instances else args.masks, sam_checkpoint=args.sam if instances else None,
-        coco_out=args.coco, native_crs=args.native_crs,
+        coco_out=coco, native_crs=args.native_crs,
     )  # fmt: skip
-    summary = detect_objects(args.input, out=args.out, detection=detection, **_job_settings(args))
+    if cohort:
+        return _run_cohort(args, detection=detection)
+    summary = detect_objects(args.inputs[0], out=args.out, detection=detection, **_job_settings(args))
     lines = []
     if "detections" in summary:
         d = summary["detections"]
@@ -236,6 +300,22 @@ def _add_tiling_args(p: argparse.ArgumentParser, defaults: Any) -> None:
         "--resume", action="store_true", help="continue an interrupted run from its OUT.partial.d work folder"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    cohort = p.add_argument_group("cohorts (several inputs, a folder or a manifest; -o is then a folder)")
+    cohort.add_argument(
+        "--pattern", help="what to take from input folders, searched recursively (default: every image suffix)"
+    )
+    cohort.add_argument(
+        "--overwrite", action="store_true",
+        help="redo images whose outputs came from other settings (by default they are reported and left alone)",
+    )  # fmt: skip
+    cohort.add_argument("--fail-fast", action="store_true", help="stop at the first image that fails")
+    cohort.add_argument(
+        "--shard", metavar="I/N", help="take only every N-th image, starting at the I-th (1-based; job arrays)"
+    )
+    cohort.add_argument(
+        "--split-above", type=float, default=1024, metavar="MEGAPIXELS",
+        help="under torchrun, split images larger than this (working pixels) across the ranks (default: 1024)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,8 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     seg = sub.add_parser("segment", help="segment a whole slide or scene with an mmsegmentation model")
-    seg.add_argument("input", metavar="INPUT", help="slide, raster or image")
-    seg.add_argument("-o", "--out", required=True, help="output class map (.tif); summary and preview go beside it")
+    seg.add_argument("inputs", nargs="+", metavar="INPUT", help=INPUT_HELP)
+    seg.add_argument(
+        "-o", "--out", required=True,
+        help="output class map (.tif), summary and preview beside it; for a cohort, the folder they all go into",
+    )  # fmt: skip
     _add_model_args(seg)
     _add_tiling_args(seg, SEGMENTATION_TILING)
     seg.add_argument(
@@ -274,6 +357,31 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"how overlapping tiles are combined (default: {Segmentation.blend})",
     )  # fmt: skip
     seg.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (*.probs.tif)")
+    seg.add_argument(
+        "--polygons", metavar="OUT", help="also write one polygon per connected region of each class, with its "
+        "measurements: .geojson (QuPath annotations for slides, WGS84 for rasters), .gpkg or .fgb; a format alone "
+        "(geojson, gpkg, fgb) writes OUT.polygons.FORMAT beside the class map (in a cohort: beside each image's)",
+    )  # fmt: skip
+    seg.add_argument(
+        "--exclude-classes", nargs="*", metavar="NAME",
+        help="classes that get no polygons (default: background, _background_, unlabeled; none: no names)",
+    )  # fmt: skip
+    seg.add_argument(
+        "--min-area", default="0", metavar="AREA",
+        help="drop smaller regions: a number in um2 (slides with a resolution), m2 (rasters in a metric CRS) or "
+        "level-0 pixels otherwise, or with a unit: 50um2, 2m2, 100px (px: class-map pixels) (default: 0)",
+    )  # fmt: skip
+    seg.add_argument(
+        "--simplify", type=float, default=0.0, metavar="TOL",
+        help="topology-preserving simplification tolerance in class-map pixels (default: 0, exact pixel outlines)",
+    )  # fmt: skip
+    seg.add_argument(
+        "--connectivity", type=int, default=4, choices=(4, 8),
+        help="pixels touching at a corner are one region with 8, separate with 4, as in rasterio (default: 4)",
+    )  # fmt: skip
+    seg.add_argument(
+        "--native-crs", action="store_true", help="rasters: GeoJSON polygons in the raster's CRS instead of WGS84"
+    )
     seg.set_defaults(func=cmd_segment)
 
     for name, text in (
@@ -281,8 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("instances", "instance masks over a whole slide or scene: detector boxes prompting SAM"),
     ):
         det = sub.add_parser(name, help=text)
-        det.add_argument("input", metavar="INPUT", help="slide, raster or image")
-        det.add_argument("-o", "--out", required=True, help="objects (.geojson); summary and preview go beside it")
+        det.add_argument("inputs", nargs="+", metavar="INPUT", help=INPUT_HELP)
+        det.add_argument(
+            "-o", "--out", required=True,
+            help="objects (.geojson), summary and preview beside it; for a cohort, the folder they all go into",
+        )  # fmt: skip
         _add_model_args(det)
         if name == "instances":
             det.add_argument(
@@ -316,7 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--overview", action="store_true",
             help="also detect on the whole image shrunk to one tile, for objects larger than the overlap",
         )  # fmt: skip
-        det.add_argument("--coco", metavar="RESULTS_JSON", help="also write COCO results JSON (level-0 pixels)")
+        det.add_argument(
+            "--coco", nargs="?", const="", metavar="RESULTS_JSON",
+            help="also write COCO results JSON (level-0 pixels); alone: beside the objects, as OUT.coco.json",
+        )  # fmt: skip
         det.add_argument(
             "--native-crs", action="store_true", help="rasters: keep the raster's CRS instead of WGS84 lon/lat"
         )
@@ -355,6 +469,8 @@ def log_path(args: argparse.Namespace) -> Path:
     rank = int(os.environ.get("RANK", "0"))
     suffix = ".log" if rank == 0 else f".rank{rank}.log"
     if args.command in ("segment", "detect", "instances"):
+        if is_cohort(args):
+            return Path(args.out) / f"cohort{suffix}"
         stem = Path(args.out).with_suffix("")
         return stem.with_name(stem.name + suffix)
     if args.command == "demo":
