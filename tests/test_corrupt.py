@@ -233,6 +233,31 @@ def scene_with_bad_tiles(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_damaged_tile_read_by_a_worker_process_keeps_its_one_line_message(scene_with_bad_tiles, tmp_path, workers):
+    """A DataLoader rebuilds a worker's exception from its whole traceback; the reader gives back the worker's own
+    message, the same as when the main process reads the tile."""
+    import torch
+
+    from densevision import segment_image
+
+    class Zero(torch.nn.Module):
+        num_classes, class_names, palette, size_divisor = 2, ("a", "b"), ((0, 0, 0), (255, 255, 255)), 16
+        device = torch.device("cpu")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(x.shape[0], 2, *x.shape[2:])
+
+    out = tmp_path / "seg.tif"
+    with pytest.raises(CorruptImageError) as exc:
+        segment_image(scene_with_bad_tiles["tile"], predictor=Zero(), out=out, tile=128, overlap=16,
+                      workers=workers, progress=False)  # fmt: skip
+    message = str(exc.value)
+    assert message.startswith(f"{scene_with_bad_tiles['tile']}: cannot read the window at (560, 0) (level 0")
+    assert "\n" not in message and "DataLoader" not in message
+    assert not out.exists()
+
+
 def assert_failed_cleanly(code: int, err: str, out: Path, image: Path, says: str) -> None:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2, err
