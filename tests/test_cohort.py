@@ -323,6 +323,30 @@ def test_torchrun_ranks_take_whole_images_each_exactly_once(model, cohort, singl
     assert not list(out.rglob("*.claim"))
 
 
+@pytest.mark.slow
+def test_two_nodes_with_a_c10d_rendezvous_share_one_cohort(model, cohort, singles, tmp_path):
+    """``torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:PORT`` on each machine (here both on this one):
+    the ranks of both draw from the rendezvous store's counter."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    folder = tmp_path / "in"
+    shutil.copytree(cohort, folder, ignore=shutil.ignore_patterns("corrupt.tif", "notes.tiff"))
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "cohort-test",
+            "-m", "densevision.cli", "segment", str(folder), "-o", str(out), *_args(model)]  # fmt: skip
+    procs = [subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    said = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in said]
+    done = [ln.split(":")[0].removeprefix("done ") for o, _ in said for ln in o.splitlines() if ln.startswith("done ")]
+    assert sorted(done) == sorted(GOOD)
+    for name, reference in singles.items():
+        assert (out / f"{name}.tif").read_bytes() == reference, name
+
+
 def test_a_large_image_is_split_across_the_ranks_of_a_torchrun(model, cohort, singles, tmp_path):
     out = tmp_path / "out"
     inputs = [str(cohort / "photo.png"), str(cohort / "scene.tif")]

@@ -13,6 +13,7 @@ too), and a summary.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -55,7 +56,7 @@ from densevision.engine.cohort import (
 from densevision.engine.distributed import init_distributed
 from densevision.engine.reader import read_geometry
 from densevision.engine.runner import resolve_device
-from densevision.errors import DenseVisionError, OutputError
+from densevision.errors import DenseVisionError, DiskFullError, OutputError
 from densevision.io import open_image
 from densevision.io.atomic import remove_quietly, replacing, write_json
 
@@ -389,11 +390,12 @@ def run_cohort(
         if decision != "run":
             tally["skipped"] += decision == "skipped"
             return
-        t0 = time.perf_counter()
         if overwrite and e.state()[0] == "changed":
             remove_quietly(work_folder_path(e.out))
+        t0 = time.perf_counter()
         try:
             tasks.build(model, device)
+            t0 = time.perf_counter()  # the model's build is the cohort's, not this image's
             summary = run_job(
                 e.image.path, e.out, tasks(e.out), model=model, tiling=tiling,
                 reading=_reading_for(reading, e.image), compute=shown, resume=True, ranks=ranks,
@@ -406,14 +408,15 @@ def run_cohort(
                 traceback.print_exc(file=sys.stdout)  # into the log
             error = f"internal error: {type(exc).__name__}: {exc}" if internal else str(exc)
             if ranks[0] == 0:
-                write_json(
-                    e.failed_path,
-                    {"input": str(e.image.path), "error": error, "seconds": round(time.perf_counter() - t0, 3),
-                     "request": e.request},
-                )  # fmt: skip
+                with contextlib.suppress(DenseVisionError, OSError):  # a full disk: the error raised below says so
+                    write_json(
+                        e.failed_path,
+                        {"input": str(e.image.path), "error": error, "seconds": round(time.perf_counter() - t0, 3),
+                         "request": e.request},
+                    )  # fmt: skip
             tally["failed"] += 1
             say(f"failed {e.image.name}: {error}")
-            if fail_fast:
+            if fail_fast or isinstance(exc, DiskFullError):  # on a full disk every image after it would fail too
                 raise
             return
         if ranks[0] == 0:
@@ -461,10 +464,15 @@ def run_cohort(
     if world > 1:  # rank 0 reports once every rank is through (waiting on the store, not at a timed barrier)
         store = rendezvous_store()
         store.add(f"{key}/finished", 1)
-        if rank != 0:
+        if rank != 0:  # stay until rank 0 has reported: a node whose agent leaves early can take the store with it
+            store.wait([f"{key}/reported"])
             return {"rank": rank, "tally": tally}
         while int(store.add(f"{key}/finished", 0)) < world:
             time.sleep(0.2)
-    result = report.write(time.perf_counter() - started)
+    try:
+        result = report.write(time.perf_counter() - started)
+    finally:
+        if world > 1:
+            store.set(f"{key}/reported", "1")
     result["already_done"] = sum(before.get(r["name"]) == "done" and r["status"] == "done" for r in result["rows"])
     return result
