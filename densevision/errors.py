@@ -68,3 +68,7 @@ class DiskFullError(OutputError):
 
 class DatasetError(DenseVisionError, ValueError):
     """A training / evaluation dataset is missing, malformed, or does not fit the config (checked before training)."""
+
+
+class OtherRankError(DenseVisionError, RuntimeError):
+    """Another rank of a torchrun failed at a step all ranks take together (its log has the reason)."""

@@ -15,13 +15,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from densevision.errors import DenseVisionError
+from densevision.errors import OtherRankError
 
 T = TypeVar("T")
-
-
-class OtherRankError(DenseVisionError, RuntimeError):
-    """Another rank of the run failed at a step all ranks take together (its log has the reason)."""
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
