@@ -146,12 +146,11 @@ def directory_offsets(sample: Sample, n: int) -> list[int]:
 
 
 def tile_offsets(sample: Sample, n: int) -> list[int]:
-    """``n`` offsets inside tile data: the start, middle and end of tiles of every level."""
-    picks = []
-    for k, t in enumerate(sample.tiles[:: max(1, len(sample.tiles) // n)]):
-        where = (t.start, (t.start + t.stop) // 2, t.stop - 16)[k % 3]
-        picks.append(max(t.start, min(where, t.stop - 16)))
-    return picks
+    """``n`` offsets spread evenly over the tiles' compressed bytes (every level), each with 16 bytes left in its
+    tile, and the first bytes of a few tiles (a JPEG stream's header)."""
+    starts = [t.start for t in sample.tiles[:: max(1, len(sample.tiles) // 6)]]
+    spans = np.concatenate([np.arange(t.start, t.stop - 16) for t in sample.tiles])
+    return starts + [int(o) for o in spans[np.linspace(0, len(spans) - 1, n - len(starts)).astype(int)]]
 
 
 @pytest.mark.parametrize("name", ["slide", "raster", "plain"])

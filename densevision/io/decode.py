@@ -20,7 +20,6 @@ the tile is full, before the stream's Adler-32 is reached. Those tiles decode to
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import struct
 import zlib
@@ -94,37 +93,11 @@ def decode_errors(path: str | os.PathLike[str], what: str, recover: Callable[[],
         raise CorruptImageError(f"{path}: cannot read {what} ({cause_text(e)}); {WHAT_TO_DO}") from e
 
 
-@contextlib.contextmanager
-def damaged_tags(path: Path) -> Iterator[None]:
-    """Raise CorruptImageError when tifffile, parsing ``path`` inside the block, had to skip a directory entry it
-    could not read (a tag of an invalid type, or whose value lies outside the file): tifffile only logs these, and
-    the backends then read the file as something else (e.g. a pyramid as one flat image)."""
-    complaints: list[str] = []
-
-    class _Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            message = record.getMessage()
-            if "<TiffTag.fromfile> raised" in message:
-                complaints.append(message.split(" raised ", 1)[1])
-
-    log = logging.getLogger("tifffile")
-    handler = _Collect(logging.ERROR)
-    log.addHandler(handler)
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
-    if complaints:
-        raise CorruptImageError(
-            f"{path}: a TIFF directory entry cannot be read ({' '.join(complaints[0].split())}): the file's "
-            "directories are damaged; re-copy or re-export it"
-        )
-
-
 def check_tiff_extents(path: Path, tif: tifffile.TiffFile, *, sparse_ok: bool = True) -> None:
-    """Raise CorruptImageError when the directories of ``tif`` do not fit the file: a tile or strip lying past the
-    end of the file or inside its header, a tile with bytes but no offset (or the reverse), or a directory chain
-    that does not end (the next directory cut off). A truncated copy shows all of these.
+    """Raise CorruptImageError when the directories of ``tif`` do not fit the file: an entry that cannot be read, a
+    tile or strip lying past the end of the file or inside its header, a tile with bytes but no offset (or the
+    reverse), or a directory chain that does not end (the next directory cut off). A truncated copy shows all of
+    these.
 
     Tiles a writer left out on purpose (offset and byte count both 0: GDAL's sparse tiles) are allowed unless
     ``sparse_ok`` is False (a file we wrote ourselves, where a missing tile is a failed write). Directories
@@ -148,10 +121,21 @@ def check_tiff_extents(path: Path, tif: tifffile.TiffFile, *, sparse_ok: bool = 
         for i, page in enumerate(pages)
         for k, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts, strict=False))
     ]
-    # The last directory tifffile found must end the chain (next offset 0) and lie whole inside the file.
+    # Every entry of every directory must have been read (tifffile skips, and only logs, an entry of an invalid type
+    # or whose value lies outside the file; the backends then read e.g. a pyramid as one flat image), and the last
+    # directory must end the chain (next offset 0) inside the file.
     next_ifd = 0
     if pages and not (tif.is_ndpi or tif.is_ome):  # NDPI's offsets are not plain TIFF; OME may use SubIFDs
         fh = tif.filehandle
+        for i, page in enumerate(pages):
+            fh.seek(page.offset)
+            raw = fh.read(t.tagnosize)
+            declared = struct.unpack(t.tagnoformat, raw)[0] if len(raw) == t.tagnosize else -1
+            if declared != len(page.tags):
+                raise CorruptImageError(
+                    f"{path}: TIFF directory {i} declares {declared} entries but only {len(page.tags)} can be read: "
+                    "the file's directories are damaged; re-copy or re-export it"
+                )
         fh.seek(pages[-1].offset)
         raw = fh.read(t.tagnosize)
         entries = struct.unpack(t.tagnoformat, raw)[0] if len(raw) == t.tagnosize else 0

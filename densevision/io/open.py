@@ -16,7 +16,7 @@ from densevision.errors import (
     NotAFileError,
     UnsupportedFormatError,
 )
-from densevision.io.decode import DeflateChecksums, check_tiff_extents, damaged_tags, decode_errors
+from densevision.io.decode import DeflateChecksums, check_tiff_extents, decode_errors
 from densevision.io.plain import DEFAULT_MAX_PIXELS, PlainImageSource
 from densevision.io.raster import RasterSource
 from densevision.io.slide import OpenSlideSource
@@ -31,15 +31,10 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 def _inspect_tiff(path: Path) -> tuple[bool, DeflateChecksums | None]:
     """Whether the TIFF at ``path`` is georeferenced, and the checks of its deflate tiles; raises CorruptImageError
     when its directories do not fit the file (see :func:`check_tiff_extents`)."""
-    with damaged_tags(path):
-        try:
-            tif = tifffile.TiffFile(path)
-        except Exception:  # not a TIFF tifffile can parse: let the other backends decide
-            return False, None
-        return _inspect(path, tif)
-
-
-def _inspect(path: Path, tif: tifffile.TiffFile) -> tuple[bool, DeflateChecksums | None]:
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception:  # not a TIFF tifffile can parse: let the other backends decide
+        return False, None
     with tif:
         try:
             tags = tif.pages.first.tags
