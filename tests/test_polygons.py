@@ -96,6 +96,23 @@ def test_blocks_give_the_regions_of_the_whole_class_map(connectivity):
         assert any(isinstance(r.geometry, shapely.MultiPolygon) for r in regions)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_random_maps_and_random_blocks_give_the_whole_maps_regions(seed):
+    """Pixel noise (every pixel a region boundary, diagonal contacts everywhere) cut at random block edges."""
+    rng = np.random.default_rng(100 + seed)
+    h, w = (int(v) for v in rng.integers(5, 60, size=2))
+    cmap = rng.integers(0, 3, (h, w)).astype(np.uint8)
+    cmap[rng.random((h, w)) < 0.05] = NODATA
+    rows = sorted({0, h, *rng.integers(1, h, size=int(rng.integers(0, 5))).tolist()})
+    cols = sorted({0, w, *rng.integers(1, w, size=int(rng.integers(0, 5))).tolist()})
+    connectivity = (4, 8)[seed % 2]
+    regions = trace_regions(cmap, {1, 2}, rows=rows, cols=cols, connectivity=connectivity)
+    whole = reference(cmap, {1, 2}, connectivity)
+    assert all(shapely.is_valid([r.geometry for r in regions]))
+    for c in (1, 2):
+        assert_same_regions([r.geometry for r in regions if r.label == c], whole[c])
+
+
 def test_checkerboard_pixels_are_separate_under_4_and_one_region_under_8():
     board = (np.indices((6, 7)).sum(0) % 2).astype(np.uint8)
     four = trace_regions(board, {1}, rows=[0, 3, 6], cols=[0, 2, 7], connectivity=4)
