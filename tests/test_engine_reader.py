@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from densevision import open_image
 from densevision.engine import TileDataset, read_geometry, tile_loader
 from densevision.errors import ConfigError, MissingResolutionError
+from densevision.io.scaling import ValueScale
 from densevision.tiling import TileGrid
 
 
@@ -22,11 +24,29 @@ def test_workers_read_the_same_tiles(data_dir, workers):
     seen = []
     for index, pixels, valid in tile_loader(dataset, batch_size=4, workers=workers):
         assert pixels.shape[1:] == (3, 512, 512) and valid.shape[1:] == (512, 512)
+        assert pixels.dtype == torch.uint8  # a uint8 source crosses as uint8; the device converts
         for i, p, v in zip(index.tolist(), pixels, valid, strict=True):
             np.testing.assert_array_equal(p.numpy().transpose(1, 2, 0), expected[i].pixels)
             np.testing.assert_array_equal(v.numpy(), expected[i].valid)
             seen.append(i)
     assert seen == [t.index for t in grid]  # in order, each once
+
+
+def test_scaled_pixels_cross_as_float32_with_the_scaled_values(data_dir):
+    # A value scale (non-uint8 sources are stretched to 0..255) keeps float32, so its fractions are not rounded.
+    path = data_dir / "wsi/CMU-1-Small-Region.svs"
+    with open_image(path) as src:
+        grid = TileGrid(*src.size, 512, overlap=64)
+        geometry = read_geometry(src)
+        tile = next(iter(grid))
+        raw = src.read_region((tile.x, tile.y), 0, (512, 512)).pixels
+    scale = ValueScale.uniform(10.0, 200.0, 3)
+    _, plain, _ = TileDataset(path, [tile], geometry)[0]
+    _, scaled, _ = TileDataset(path, [tile], geometry, value_scale=scale)[0]
+    assert plain.dtype == torch.uint8 and scaled.dtype == torch.float32
+    np.testing.assert_array_equal(plain.numpy().transpose(1, 2, 0), raw)
+    np.testing.assert_array_equal(scaled.numpy().transpose(1, 2, 0), scale(raw))
+    assert not np.array_equal(scaled.numpy(), np.round(scaled.numpy()))  # fractions survive
 
 
 def test_target_mpp_reads_a_finer_level_and_resamples(data_dir):
@@ -118,3 +138,28 @@ def test_bound_heap_growth_returns_freed_tile_arrays_which_glibc_keeps_by_defaul
     assert row > 20 << 20  # each row allocates and frees over 20 MB
     assert bounded["growth"] < row / 4, (bounded, default)
     assert default["growth"] > row / 2, (bounded, default)
+
+
+def test_uint8_tiles_give_the_mmseg_predictor_the_same_logits_to_the_bit():
+    # uint8 -> float32 is exact, and mmseg's data_preprocessor converts to float32 before its flip-free
+    # normalisation: a uint8 batch (as the readers now hand on) and its float32 copy give identical logits.
+    pytest.importorskip("mmseg")
+    from densevision.predictors.mmseg import MMSegPredictor
+
+    shrunk = {
+        "model.decode_head.num_classes": 3, "model.auxiliary_head.num_classes": 3,
+        "model.data_preprocessor.size": None, "model.backbone.embed_dims": 32, "model.backbone.depths": [1, 1, 1, 1],
+        "model.backbone.num_heads": [1, 2, 4, 8], "model.decode_head.in_channels": [32, 64, 128, 256],
+        "model.decode_head.channels": 32, "model.auxiliary_head.in_channels": 128,
+        "model.auxiliary_head.channels": 32,
+    }  # fmt: skip
+    torch.manual_seed(0)
+    predictor = MMSegPredictor.from_config("configs/segmentation/upernet_swin-t_ade20k-512.py", cfg_options=shrunk)
+    batch = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
+    as_uint8, as_float = predictor(batch), predictor(batch.float())
+    assert as_uint8.dtype == torch.float32 and as_uint8.shape == (2, 3, 64, 96)
+    assert torch.equal(as_uint8, as_float)
+    # The preprocessor's own path is unchanged in value: its float32 input equals the uint8 batch converted.
+    data = predictor.model.data_preprocessor({"inputs": list(batch[:, [2, 1, 0]])}, False)["inputs"]
+    ref = predictor.model.data_preprocessor({"inputs": list(batch[:, [2, 1, 0]].float())}, False)["inputs"]
+    assert torch.equal(data, ref)

@@ -52,8 +52,12 @@ def read_geometry(src: ImageSource, *, level: int | None = None, mpp: float | No
 
 
 class TileDataset(Dataset):
-    """Item ``i`` is tile ``tiles[i]``: ``(index, pixels CxTxT float32 tensor, valid TxT bool tensor)``; pixels are
-    raw values, or mapped to 0..255 by ``value_scale`` (see :mod:`densevision.io.scaling`)."""
+    """Item ``i`` is tile ``tiles[i]``: ``(index, pixels C x T x T tensor, valid T x T bool tensor)``.
+
+    Pixels cross from the worker in the source's dtype when that is uint8 and no ``value_scale`` applies (a quarter
+    of float32's bytes through the worker queue, the pinned copy and the host-to-device transfer); the engine
+    converts them to float32 on the device, exactly (every uint8 is a float32). Other sources, and any
+    ``value_scale`` (which maps raw values to 0..255, see :mod:`densevision.io.scaling`), give float32 as before."""
 
     def __init__(
         self,
@@ -95,7 +99,8 @@ class TileDataset(Dataset):
         pixels, valid = self.read(tile)
         if self.value_scale is not None:
             pixels = self.value_scale(pixels)
-        chw = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)).astype(np.float32, copy=False))
+        dtype = np.uint8 if pixels.dtype == np.uint8 and self.value_scale is None else np.float32
+        chw = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)).astype(dtype, copy=False))
         return tile.index, chw, torch.from_numpy(np.ascontiguousarray(valid))
 
     def __getstate__(self) -> dict[str, Any]:

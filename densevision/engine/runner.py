@@ -19,8 +19,9 @@ from densevision.engine.heap import bound_heap_growth
 from densevision.engine.reader import TileDataset, tile_loader
 from densevision.tiling.grid import Tile
 
-# (tile indexes, the predictor's output for the batch on the host, valid B x T x T) -> None. Segmentation
-# predictors give logits B x K x T x T (a tensor, handed on as a float32 array); detection predictors give one
+# (tile indexes, the predictor's output for the batch, valid B x T x T on the host) -> None. Segmentation
+# predictors give logits B x K x T x T: handed on as a float32 tensor on the predictor's device, not copied back
+# (the stitcher blends there; only finished, reduced blocks cross to the host). Detection predictors give one
 # TileDetections per tile, handed on as they are.
 BatchConsumer = Callable[[list[int], Any, np.ndarray], None]
 
@@ -104,6 +105,13 @@ class TileRunner:
     progress: bool = True
 
     def run(self, dataset: TileDataset, predict: Callable[[torch.Tensor], Any], consume: BatchConsumer) -> RunStats:
+        """Feed every tile of ``dataset`` to ``predict`` and its output to ``consume``, batch by batch.
+
+        Tiles arrive from the reader workers in their source dtype (uint8 for slides and 8-bit rasters; see
+        :class:`TileDataset`), pinned when the device is CUDA; each batch is moved to the device (non-blocking when
+        pinned) and converted to float32 there, so ``predict`` gets ``B x C x T x T`` float32 raw values as before.
+        On CUDA nothing here waits for the device: ``seconds_predicting`` is the time to queue the model's work,
+        and the consumer's first wait (a finished block's copy back) counts in ``seconds_consuming``."""
         bound_heap_growth()
         stats = RunStats()
         start = time.perf_counter()
@@ -117,9 +125,10 @@ class TileRunner:
             for index, pixels, valid in loader:
                 t0 = time.perf_counter()
                 stats.seconds_waiting_for_tiles += t0 - waited
+                batch = pixels.to(self.device, non_blocking=cuda).float()  # exact for uint8
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    result = predict(pixels.to(self.device, non_blocking=cuda))
-                out = result.float().cpu().numpy() if isinstance(result, torch.Tensor) else result
+                    result = predict(batch)
+                out = result.float() if isinstance(result, torch.Tensor) else result
                 t1 = time.perf_counter()
                 stats.seconds_predicting += t1 - t0
                 consume(index.tolist(), out, valid.numpy())

@@ -30,8 +30,9 @@ class SegmentationPredictor(Protocol):
     """A segmentation model adapted to tiles.
 
     ``__call__`` takes ``B x C x H x W`` float32 raw pixel values (RGB order for slides, the selected bands for
-    rasters) on ``device`` and returns ``B x K x H x W`` float32 logits at the same size. ``H`` and ``W`` are
-    multiples of ``size_divisor``.
+    rasters) on ``device`` and returns ``B x K x H x W`` float32 logits at the same size, on ``device`` (the engine
+    blends them there). ``H`` and ``W`` are multiples of ``size_divisor``. The engine converts uint8 tiles to
+    float32 on the device before the call; the mmseg and mmdet predictors also take uint8 batches directly.
     """
 
     num_classes: int

@@ -79,6 +79,7 @@ class MMDetPredictor:
         from mmdet.structures import DetDataSample
 
         inputs = batch[:, [2, 1, 0]] if batch.shape[1] == 3 else batch
+        inputs = inputs if inputs.is_floating_point() else inputs.float()  # uint8: the same values, exactly
         h, w = batch.shape[-2:]
         meta = {"img_shape": (h, w), "ori_shape": (h, w), "scale_factor": (1.0, 1.0)}
         samples = [DetDataSample(metainfo=meta) for _ in range(len(batch))]

@@ -50,7 +50,10 @@ class MMSegPredictor:
 
     @torch.no_grad()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """``B x C x H x W`` raw pixels, uint8 or float32 (the same values give the same logits: the preprocessor
+        converts to float32 first, exactly for uint8) -> ``B x K x H x W`` float32 logits."""
         inputs = batch[:, [2, 1, 0]] if batch.shape[1] == 3 else batch
+        inputs = inputs if inputs.is_floating_point() else inputs.float()
         data = self.model.data_preprocessor({"inputs": list(inputs)}, False)
         h, w = batch.shape[-2:]
         metas = [{"img_shape": (h, w), "ori_shape": (h, w), "pad_shape": (h, w)} for _ in range(len(batch))]
