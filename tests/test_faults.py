@@ -133,11 +133,6 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_gives_the_same_bytes(s
         assert not any(".partial" in p.name for p in disk.iterdir())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs cli/logs.py: the command's log file (beside -o, on the same full disk) raises ENOSPC from inside "
-    "the libraries' logging calls (an internal error, exit 1) and logging prints its tracebacks to stderr",
-)
 def test_the_segment_command_on_a_full_disk_is_one_line_and_exit_2(scene, tmp_path, capsys):
     from densevision.cli import main
 

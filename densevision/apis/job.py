@@ -281,7 +281,6 @@ def run_job(
         if work.done() != work.rows:
             raise ConfigError(f"{root}: only {work.done()} of {work.rows} rows are finished; run again with --resume")
         parts = task.finish(job, work)
-        work.remove()
         source_facts = src.describe()
 
     summary: dict[str, Any] = {
@@ -314,4 +313,5 @@ def run_job(
     summary_path = job.beside(".summary.json")
     summary["summary"] = str(summary_path)
     write_json(summary_path, summary)
+    work.remove()  # after the summary: a disk that fills at the summary leaves the work to resume from
     return summary

@@ -49,13 +49,32 @@ class LogFile:
             return open(self.path, "a", encoding="utf-8")
 
     def write(self, text: str) -> int:
-        if self._file is None:
-            self._file = self._open()
-        return self._file.write(text)
+        try:
+            if self._file is None:
+                self._file = self._open()
+            return self._file.write(text)
+        except OSError:  # e.g. the output's disk is full: the run's own error says so; the log must not fail it
+            return self._elsewhere(text)
 
     def flush(self) -> None:
         if self._file is not None:
-            self._file.flush()
+            try:
+                self._file.flush()
+            except OSError:
+                self._elsewhere("")
+
+    def _elsewhere(self, text: str) -> int:
+        """Carry on in :func:`default_log_dir` (once); where that cannot be written either, the text is dropped."""
+        fallback = default_log_dir() / self.path.name
+        if self.path != fallback:
+            with contextlib.suppress(OSError):
+                if self._file is not None:
+                    self._file.close()
+            self._file, self.path = None, fallback
+            with contextlib.suppress(OSError):
+                self._file = self._open()
+                return self._file.write(text)
+        return len(text)
 
     def close(self) -> None:
         if self._file is not None:
