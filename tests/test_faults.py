@@ -183,3 +183,29 @@ def test_each_raster_writer_on_a_full_disk_raises_and_leaves_nothing(tmp_path, w
                 for y in range(0, 1024, 256):
                     w.write(data[y : y + 256], 0, y)
         assert list(disk.iterdir()) == []
+
+
+def test_a_cohort_on_a_disk_that_fills_stops_in_one_line_and_the_same_call_finishes_it(scene, uninterrupted, tmp_path):
+    """Room for the first image only: the cohort stops at the second with the disk named (every later image would
+    fail the same way); once space is freed the same call skips the first and completes the second, same bytes."""
+    import shutil
+
+    from densevision import run_cohort
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a.tif", "b.tif"):
+        shutil.copy(scene, inputs / name)
+    work, output = int(uninterrupted["work"]), int(uninterrupted["output_bytes"])
+    with tmpfs(tmp_path / "disk", (output + work + output // 2) // 1024) as disk:
+        with pytest.raises(DiskFullError, match=f"no space left on device on {disk}"):
+            run_cohort(inputs, disk, "segment", predictor=Conv(), **SETTINGS)
+        assert (disk / "a.tif").read_bytes() == uninterrupted["outputs"]["seg.tif"]  # type: ignore[index]
+        assert not (disk / "b.tif").exists() and not (disk / "b.summary.json").exists()
+        remount(disk, 4 * (work + 2 * output) // 1024 + 1024)
+        result = run_cohort(inputs, disk, "segment", predictor=Conv(), **SETTINGS)
+        assert result["counts"]["done"] == 2 and result["already_done"] == 1
+        for name in ("a", "b"):
+            assert (disk / f"{name}.tif").read_bytes() == uninterrupted["outputs"]["seg.tif"]  # type: ignore[index]
+            assert (disk / f"{name}.probs.tif").read_bytes() == uninterrupted["outputs"]["seg.probs.tif"]  # type: ignore[index]
+        assert not any(".partial" in p.name or p.suffix == ".claim" for p in disk.rglob("*"))
