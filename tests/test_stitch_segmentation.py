@@ -1,11 +1,14 @@
 """Segmentation stitching against whole-image references: exact under ``crop``, brute-force averages under
 ``constant``, normalisation and seams under ``gaussian`` / ``hann``, nodata, blocks emitted once each as soon as they
-are final, bounded memory whatever the width, feed orders, and regrouping pieces into blocks."""
+are final, bounded memory whatever the width, feed orders, and regrouping pieces into blocks; the device stitcher
+(torch) against the numpy stitcher it replaced (``stitch_reference.py``): the same bits on the CPU."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import stitch_reference as reference
+import torch
 from scipy import ndimage
 
 from densevision.errors import ConfigError, InvalidRegionError
@@ -18,7 +21,7 @@ from densevision.stitch import (
     probabilities,
     tile_window,
 )
-from densevision.stitch.segmentation import BlockAssembler, block_edges, stitch_order
+from densevision.stitch.segmentation import BlockAssembler, block_edges, reduce_cell, stitch_order
 from densevision.tiling.grid import Tile, TileGrid
 
 
@@ -32,11 +35,15 @@ class Collect:
         self.blocks: list[tuple[int, int, np.ndarray, np.ndarray]] = []
         self.c = c
 
-    def __call__(self, y0: int, x0: int, logits: np.ndarray, valid: np.ndarray) -> None:
+    def __call__(self, y0: int, x0: int, logits: torch.Tensor, valid: torch.Tensor) -> None:
         h, w = valid.shape
-        assert h > 0 and w > 0 and logits.shape == (self.c, h, w) and logits.dtype == np.float32
-        assert valid.dtype == bool
+        assert isinstance(logits, torch.Tensor) and isinstance(valid, torch.Tensor)
+        assert h > 0 and w > 0 and logits.shape == (self.c, h, w) and logits.dtype == torch.float32
+        assert valid.dtype == torch.bool
         assert y0 + h <= self.count.shape[0] and x0 + w <= self.count.shape[1]
+        logits, valid = logits.numpy().copy(), valid.numpy()
+        assert (logits[:, ~valid] == 0).all()  # the contract: 0 where no tile had weight
+        logits[:, ~valid] = np.nan  # below: NaN, as the numpy stitcher emitted
         self.blocks.append((y0, x0, logits.copy(), valid.copy()))
         self.logits[:, y0 : y0 + h, x0 : x0 + w] = logits
         self.valid[y0 : y0 + h, x0 : x0 + w] = valid
@@ -201,7 +208,7 @@ def test_pixels_invalid_in_every_tile_are_nodata(blend):
     sink, _ = stitch(grid, image(2, 150, 200), conv, blend, valid_fn=valid_fn)
     np.testing.assert_array_equal(sink.valid, ~hole)
     assert np.isnan(sink.logits[:, hole]).all() and np.isfinite(sink.logits[:, ~hole]).all()
-    classes = class_map(sink.logits, sink.valid)
+    classes = class_map(torch.from_numpy(sink.logits), torch.from_numpy(sink.valid)).numpy()
     assert (classes[hole] == 255).all() and (classes[~hole] < 2).all()
 
 
@@ -232,23 +239,46 @@ def test_a_band_with_every_tile_skipped_is_all_nodata():
     assert st.max_held_pixels == 0  # cells of skipped tiles only are never allocated
 
 
-def test_nan_under_zero_weight_does_not_leak_but_nan_where_valid_is_an_error():
+@pytest.mark.parametrize("garbage", [np.nan, np.inf, -np.inf])
+def test_nan_under_zero_weight_does_not_leak_but_nan_where_valid_is_an_error(garbage):
     grid = TileGrid(100, 50, 64, 16)
     sink = Collect(grid, 1)
-    st = SegmentationStitcher(grid, 1, "hann", sink)
+    cells = []
+
+    def both(y0, x0, logits, valid):
+        cells.append(reduce_cell(y0, x0, logits, valid, probs=True))
+        sink(y0, x0, logits, valid)
+
+    st = SegmentationStitcher(grid, 1, "hann", both)
     tiles = list(grid)
     logits = np.ones((1, 64, 64), dtype=np.float32)
-    logits[:, 50:] = np.nan  # rows past the image: padding garbage
+    logits[:, 50:] = garbage  # rows past the image: padding garbage
     valid = np.ones((64, 64), dtype=bool)
     valid[50:] = False
     st.add(tiles[0], logits, valid)
-    bad = np.ones((1, 64, 64), dtype=np.float32)
-    bad[0, 3, 3] = np.inf
-    with pytest.raises(InvalidRegionError, match="non-finite"):
-        st.add(tiles[1], bad, valid)
-    st.add(tiles[1], np.ones((1, 64, 64), dtype=np.float32), valid)  # the failed call did not consume the tile
+    st.add(tiles[1], logits, valid)
     st.finish()
     np.testing.assert_allclose(sink.logits, 1, rtol=1e-6)
+    for cell in cells:
+        cmap, p = cell.result()
+        assert (cmap == 1).all() and np.isfinite(p).all()
+    # Where the tile is valid, a non-finite logit is an error: raised when its cell is final (with the reduced
+    # cell, so that no tile waits for the device), naming the cell's pixels.
+    cells.clear()
+    st = SegmentationStitcher(grid, 1, "hann", both)
+    bad = np.ones((1, 64, 64), dtype=np.float32)
+    bad[0, 3, 10] = garbage  # image pixel (46, 3): in the cell of columns 36..64, which both tiles reach
+    st.add(tiles[0], np.ones((1, 64, 64), dtype=np.float32), valid)
+    st.add(tiles[1], bad, valid)
+    st.finish()
+    failed = []
+    for cell in cells:
+        try:
+            cell.result()
+        except InvalidRegionError as e:
+            assert "non-finite logits" in str(e) and "mark those pixels invalid" in str(e)
+            failed.append((cell.y0, cell.x0, cell.shape))
+    assert failed == [(0, 36, (50, 28))]  # the cell shared by both tiles: rows 0..50, columns 36..64
 
 
 # ---- 5. blocks as soon as they are final, bounded memory, feed orders -------------------------------------
@@ -354,7 +384,8 @@ def test_blocks_of_the_grid_are_final_once_their_tile_is_in(blend):
 
     def both(y0, x0, logits, valid):
         sink(y0, x0, logits, valid)
-        asm(y0, x0, class_map(logits, valid), np.moveaxis(logits, 0, -1))
+        h, w = valid.shape
+        asm(y0, x0, class_map(logits, valid).numpy(), np.moveaxis(sink.logits[:, y0 : y0 + h, x0 : x0 + w], 0, -1))
 
     st = SegmentationStitcher(grid, 2, blend, both)
     by_index = {t.index: (t, win, valid) for t, win, valid in windows(img, grid)}
@@ -531,18 +562,21 @@ def test_bad_use_raises_clear_errors():
 
 
 def test_class_map_and_probabilities():
-    logits = np.array([[[0.0, 2.0], [np.nan, -1.0]], [[1.0, 0.0], [np.nan, -3.0]]], dtype=np.float32)
-    valid = np.array([[True, True], [False, True]])
-    np.testing.assert_array_equal(class_map(logits, valid), [[1, 0], [255, 0]])
-    p = probabilities(logits, valid)
+    logits = torch.tensor([[[0.0, 2.0], [np.nan, -1.0]], [[1.0, 0.0], [np.nan, -3.0]]])
+    valid = torch.tensor([[True, True], [False, True]])
+    np.testing.assert_array_equal(class_map(logits, valid), [[1, 0], [255, 0]])  # whatever is under invalid
+    p = probabilities(logits, valid).numpy()
     assert np.isnan(p[:, 1, 0]).all()
-    np.testing.assert_allclose(np.nansum(p, axis=0)[valid], 1, rtol=1e-6)
+    np.testing.assert_allclose(np.nansum(p, axis=0)[valid.numpy()], 1, rtol=1e-6)
     np.testing.assert_allclose(p[1, 0, 0], 1 / (1 + np.exp(-1.0)), rtol=1e-6)
     # one channel: a sigmoid head
     np.testing.assert_array_equal(class_map(logits[:1], valid), [[0, 1], [255, 0]])
     np.testing.assert_allclose(probabilities(logits[:1], valid)[0, 0, 1], 1 / (1 + np.exp(-2.0)), rtol=1e-6)
+    # ties: the first maximal class, as numpy's argmax
+    ties = torch.tensor([[[1.0, 0.0, 2.0]], [[1.0, 3.0, 2.0]], [[0.0, 3.0, 2.0]]])
+    np.testing.assert_array_equal(class_map(ties, torch.ones((1, 3), dtype=torch.bool)), [[0, 1, 0]])
     with pytest.raises(ConfigError, match="must not be a class index"):
-        class_map(np.zeros((3, 1, 1)), np.ones((1, 1), bool), nodata=2)
+        class_map(torch.zeros((3, 1, 1)), torch.ones((1, 1), dtype=torch.bool), nodata=2)
 
 
 def test_class_map_sink_feeds_the_writers(tmp_path):
@@ -582,3 +616,75 @@ def test_class_map_sink_feeds_the_writers(tmp_path):
     import tifffile
 
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "pyramid.tif"), expected)
+
+
+# ---- 7. the device stitcher against the numpy stitcher it replaced -----------------------------------------
+
+
+def _predictions(grid: TileGrid, c: int, seed: int):
+    """Per tile: logits with ties (quantised to halves), NaN garbage in the padding past the image, a hole of
+    nodata; two tiles skipped (the last, and one inside)."""
+    rng = np.random.default_rng(seed)
+    t = grid.tile
+    hole = np.zeros((grid.height + t, grid.width + t), dtype=bool)
+    hole[30:70, 90:150] = True
+    out = []
+    for tile in stitch_order(grid):
+        logits = (np.round(rng.standard_normal((c, t, t)) * 6) / 2).astype(np.float32)
+        valid = ~hole[tile.y : tile.y + t, tile.x : tile.x + t]
+        valid[grid.height - tile.y :] = False
+        valid[:, grid.width - tile.x :] = False
+        logits[:, grid.height - tile.y :] = np.nan
+        out.append((tile, logits, valid, tile.index in (len(grid) - 1, 4)))
+    return out
+
+
+@pytest.mark.parametrize("blend", BLEND_MODES)
+@pytest.mark.parametrize("c", [1, 2, 150])  # 150: ADE20k's classes
+def test_the_device_stitcher_gives_the_numpy_stitchers_bits_on_the_cpu(blend, c):
+    grid = TileGrid(203, 157, 64, 24)  # last row and column shifted inward; tiles past the image's corner
+    preds = _predictions(grid, c, seed=c)
+    ref: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+    old = reference.SegmentationStitcher(grid, c, blend, lambda y0, x0, lg, v: ref.append((y0, x0, lg, v)))
+    new: list[tuple[int, int, np.ndarray, np.ndarray, object]] = []
+
+    def device_sink(y0, x0, logits, valid):
+        new.append(
+            (y0, x0, logits.numpy().copy(), valid.numpy().copy(), reduce_cell(y0, x0, logits, valid, probs=True))
+        )
+
+    dev = SegmentationStitcher(grid, c, blend, device_sink, device="cpu")
+    for tile, logits, valid, skipped in preds:
+        for st in (old, dev):
+            if skipped:
+                st.skip(tile)
+            else:
+                st.add(tile, torch.from_numpy(logits) if st is dev else logits, valid)
+    old.finish()
+    dev.finish()
+    assert [(y, x) for y, x, *_ in new] == [(y, x) for y, x, *_ in ref]  # the same cells, in the same order
+    worst = 0.0
+    for (_, _, lg, v), (_, _, lg2, v2, cell) in zip(ref, new, strict=True):
+        np.testing.assert_array_equal(v2, v)
+        assert lg2[:, v].tobytes() == lg[:, v].tobytes()  # the same float32 sums, to the bit
+        cmap, probs = cell.result()
+        np.testing.assert_array_equal(cmap, reference.class_map(lg, v))
+        expected = np.moveaxis(reference.probabilities(lg, v), 0, -1)
+        assert probs.shape == expected.shape and probs.dtype == np.float32
+        np.testing.assert_array_equal(np.isnan(probs), np.isnan(expected))
+        worst = max(worst, float(np.nanmax(np.abs(probs - expected), initial=0.0)))
+    assert (~np.concatenate([v.ravel() for *_, v in ref])).any()  # nodata and skipped tiles were exercised
+    print(f"largest probability difference, {blend}, K = {c}: {worst:.3g}")
+    assert worst <= 1e-6, worst  # torch.exp and numpy.exp may differ by an ulp
+
+
+def test_a_zero_weight_product_of_plus_zero_changes_no_sum():
+    # The device stitcher adds +0 where a tile has weight 0 (masked_fill) where numpy added logits * 0, which is -0
+    # for negative logits: a float32 sum starting at +0 never becomes -0, so no bit changes (checked, not assumed).
+    terms = torch.tensor([[-0.0, 0.0, -0.0, 1.5, -2.0], [-0.0, -0.0, 0.0, -1.5, 2.0], [-0.0, 3.0, -0.0, -0.0, -0.0]])
+    a, b = torch.zeros(5), torch.zeros(5)
+    for row in terms:
+        a.add_(row)
+        b.add_(torch.where(row == 0, 0.0, row))  # the zeros as +0
+    assert a.numpy().tobytes() == b.numpy().tobytes()
+    assert not torch.signbit(a).any()

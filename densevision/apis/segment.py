@@ -44,10 +44,10 @@ from densevision.io import GeoJsonWriter, GeoTiffWriter, ImageSource, PyramidTif
 from densevision.io.atomic import check_output_path, replacing
 from densevision.io.vectors import OgrWriter, vector_format
 from densevision.predictors.base import SegmentationPredictor
-from densevision.stitch import SegmentationStitcher, class_map, probabilities
+from densevision.stitch import SegmentationStitcher
 from densevision.stitch.measure import Units, measure, qupath_names, rows, units_of
 from densevision.stitch.polygons import Region, RegionTracer, valid
-from densevision.stitch.segmentation import BlockAssembler, block_edges, stitch_order
+from densevision.stitch.segmentation import BlockAssembler, ReducedCell, block_edges, reduce_cell, stitch_order
 from densevision.tiling.grid import axis_bounds
 
 NODATA = 255
@@ -279,17 +279,19 @@ class SegmentationTask(Task):
         background = BackgroundCalls()
         assembler = BlockAssembler(edges, work.col_edges, work.put, block_rows=(first, end))
 
-        def block(y0: int, x0: int, logits: np.ndarray, valid: np.ndarray) -> None:
+        def block(cell: ReducedCell) -> None:
+            """On the background thread: wait for the cell's copy to the host, regroup it into the blocks."""
+            cmap, probs = cell.result()
+            assembler(cell.y0, cell.x0, *((cmap, probs) if with_probs else (cmap,)))
+
+        def reduce(y0: int, x0: int, logits: torch.Tensor, valid: torch.Tensor) -> None:
+            """A final cell of the stitcher: reduced on the device, its copy to the host started, handed on."""
             if y0 >= edges[end] or y0 + valid.shape[0] <= edges[first]:
                 return  # a block row this call does not commit
-            if with_probs:
-                assembler(y0, x0, class_map(logits, valid, NODATA), np.moveaxis(probabilities(logits, valid), 0, -1))
-            else:
-                assembler(y0, x0, class_map(logits, valid, NODATA))
+            background.submit(block, reduce_cell(y0, x0, logits, valid, probs=with_probs, nodata=NODATA))
 
-        stitcher = SegmentationStitcher(
-            grid, predictor.num_classes, blend, lambda y0, x0, lg, v: background.submit(block, y0, x0, lg, v)
-        )
+        # The accumulators live where the logits are computed: only reduced cells come back to the host.
+        stitcher = SegmentationStitcher(grid, predictor.num_classes, blend, reduce, device=predictor.device)
         needed = range(r0, end)  # block row k is final once tile rows up to k are in
         added = [bool(keep[t.index]) and t.row in needed for t in tiles]
         # Tiles of rows >= r0 are a suffix of the order (an interleaved pair of rows is never split by r0: its first
@@ -307,7 +309,7 @@ class SegmentationTask(Task):
                     stitcher.skip(t)
             skipped_to = max(skipped_to, i)
 
-        def consume(indexes: list[int], logits: np.ndarray, valid: np.ndarray) -> None:
+        def consume(indexes: list[int], logits: torch.Tensor, valid: np.ndarray) -> None:
             for j, i in enumerate(indexes):
                 if added[i]:  # the others were only computed to keep the batches aligned
                     skip_until(position[i])
@@ -376,8 +378,9 @@ class SegmentationTask(Task):
                         polygons.add(by, bx, cmap)
                     polygons.seconds_reading = time.perf_counter() - started - polygons.seconds
                 polygons.finish()
-        preview_path = job.beside(".preview.png")
-        _write_preview(preview_path, job.thumb, outputs.preview, predictor.palette, names)
+            # Before the writers rename their files into place: a failure here leaves nothing that looks finished.
+            preview_path = job.beside(".preview.png")
+            _write_preview(preview_path, job.thumb, outputs.preview, predictor.palette, names)
         area = area_per_pixel(src, d)
         counts = outputs.counts
         s = self.settings

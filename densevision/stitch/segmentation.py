@@ -8,6 +8,13 @@ or skipped): it is then normalised, handed to the sink and forgotten. Its float3
 of ``w * logits``, ``h x w`` sums of ``w``) exist only from its first contribution until then; a cell whose
 contributors were all skipped is never allocated (it is emitted as nodata).
 
+Device: the accumulators are torch tensors on the stitcher's ``device``, the model's: the batch's logits are blended
+where they were computed, and a final cell is reduced there (:func:`reduce_cell`: ``uint8`` class indices, and
+float32 probabilities only when asked) before its copy to the host (non-blocking on CUDA), so only what is written
+crosses back. Nothing in :meth:`SegmentationStitcher.add` waits for the device: the blend windows are cached there,
+the valid masks are read on the host (they come from the reader), and the check that logits are finite where a
+tile has weight rides with the reduced cell (:meth:`ReducedCell.result` raises) instead of synchronising per tile.
+
 Memory: fed in :func:`stitch_order` (row-major, the last two tile rows column by column when the last is shifted
 inward) the stitcher holds the strip of rows that the next tile row will still add to, the grid's ``overlap`` rows of
 the whole width, plus a few tiles: :attr:`max_held_pixels` ``<= overlap * W + 3 * T * T``; each held pixel costs
@@ -17,7 +24,11 @@ within themselves add up to ``b`` tiles. The ``crop`` blend holds one owned regi
 its tile's add). Any other order is correct too but holds every cell touched and not yet final.
 
 Per pixel, contributions are summed in float32 in the order the tiles were fed, as a whole-image accumulator would:
-the same inputs in the same order give bit-identical blocks.
+``acc.add_(logits * w)`` (a product rounded to float32, then a sum: not ``addcmul``, whose fused multiply-add rounds
+once), then ``acc / sum(w)``; the same inputs in the same order give bit-identical blocks, on the CPU the same bits
+as the numpy stitcher that came before (``tests/stitch_reference.py``). Where a tile has weight 0 (padding, nodata)
+its product is set to +0 (NaN or garbage there must not leak): a sum that starts at +0 is never -0, so adding +0
+instead of the product's -0 changes no bit.
 
 Downstream: writers take the cells as windows (:class:`ClassMapSink`); :class:`BlockAssembler` regroups them into
 fixed blocks (e.g. the grid's, :func:`block_edges`, for the work folder of a resumable run).
@@ -27,21 +38,23 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import mmap
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from numpy.typing import DTypeLike
+import torch
 
 from densevision.errors import ConfigError, InvalidRegionError
 from densevision.stitch.blend import check_blend, tile_window
 from densevision.tiling.grid import Tile, TileGrid, axis_bounds
 
-# sink(y0, x0, logits, valid): one final cell, rows [y0, y0 + h) x columns [x0, x0 + w). logits: C x h x w float32,
-# the blended logits (NaN where no tile had weight); valid: h x w bool, False there. Every pixel of the image is in
-# exactly one call; the stitcher keeps no reference to the arrays (the sink may keep or modify them).
-BlockSink = Callable[[int, int, np.ndarray, np.ndarray], None]
+# sink(y0, x0, logits, valid): one final cell, rows [y0, y0 + h) x columns [x0, x0 + w), as tensors on the
+# stitcher's device. logits: C x h x w float32, the blended logits, 0 where no tile had weight (non-finite where a
+# tile had weight only if its logits were: reduce_cell's result raises then); valid: h x w bool, False there. Every
+# pixel of the image is in exactly one call; the stitcher keeps no reference to the tensors (the logits of a cell no
+# tile reached are a read-only broadcast of one zero).
+BlockSink = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 def block_edges(grid: TileGrid, blend: str) -> tuple[list[int], list[int]]:
@@ -82,14 +95,20 @@ def _cuts(starts: list[int], bounds: list[tuple[int, int]], tile: int, length: i
     return sorted(edges | {0, length})
 
 
-def _mapped_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """float32 zeros in their own anonymous memory map, unmapped when the array is freed."""
-    n = int(np.prod(shape)) * 4
-    return np.frombuffer(mmap.mmap(-1, max(n, 1)), dtype=np.float32, count=n // 4).reshape(shape)
+def _as_tensor(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``x`` (a tensor, or an array on the host) as a tensor of ``dtype`` on ``device``; host arrays are copied there
+    (read-only ones first copied on the host, which torch cannot wrap)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype)
+    a = np.asarray(x)
+    if not a.flags.writeable or not a.flags.c_contiguous:
+        a = np.array(a, order="C")
+    return torch.from_numpy(a).to(device=device, dtype=dtype)
 
 
 class SegmentationStitcher:
-    """Accumulates ``C x T x T`` tile logits over ``grid`` with blend weights and hands final cells to ``sink``.
+    """Accumulates ``C x T x T`` tile logits over ``grid`` with blend weights on ``device`` and hands final cells to
+    ``sink``.
 
     Feed every tile of the grid exactly once, in any order, with :meth:`add` (its prediction) or :meth:`skip` (no
     prediction: its area gets weight 0). Then :meth:`finish` checks nothing is missing. The sink gets every cell
@@ -98,18 +117,21 @@ class SegmentationStitcher:
 
     Example::
 
-        sink = ClassMapSink(grid, writer)  # cells -> class map -> writer windows
-        stitcher = SegmentationStitcher(grid, 19, "gaussian", sink)
-        for tile, logits, valid in predictions:  # in stitch_order(grid); logits C x T x T, valid T x T
+        sink = ClassMapSink(grid, writer)  # cells -> class map (on the device) -> writer windows
+        stitcher = SegmentationStitcher(grid, 19, "gaussian", sink, device="cuda")
+        for tile, logits, valid in predictions:  # in stitch_order(grid); logits C x T x T (device), valid T x T
             stitcher.add(tile, logits, valid)
         stitcher.finish()
         sink.finish()
     """
 
-    def __init__(self, grid: TileGrid, num_classes: int, blend: str, sink: BlockSink) -> None:
+    def __init__(
+        self, grid: TileGrid, num_classes: int, blend: str, sink: BlockSink, *, device: str | torch.device = "cpu"
+    ) -> None:
         if num_classes < 1:
             raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
         self.grid = grid
+        self.device = torch.device(device)
         self.num_classes = num_classes
         self.blend = check_blend(blend)
         self.sink = sink
@@ -134,7 +156,8 @@ class SegmentationStitcher:
         self._unsent = [len(per_col)] * len(per_row)  # cells not yet emitted, per row of cells
         self._rows_sent = 0  # rows of cells 0 .. _rows_sent - 1 are all emitted
         self._seen = np.zeros(len(grid), dtype=bool)
-        self._cells: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._cells: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._windows: dict[int, tuple[np.ndarray, torch.Tensor]] = {}  # id(host window) -> (it, its device copy)
         self._held = 0
         self._max_held = 0
 
@@ -157,49 +180,59 @@ class SegmentationStitcher:
     def complete(self) -> bool:
         return self._rows_sent == len(self._unsent)
 
-    def add(self, tile: Tile, logits: np.ndarray, valid: np.ndarray | None = None) -> None:
+    def add(
+        self, tile: Tile, logits: torch.Tensor | np.ndarray, valid: np.ndarray | torch.Tensor | None = None
+    ) -> None:
         """Add ``tile``'s prediction.
 
         Args:
-            logits: ``C x T x T`` (converted to float32; a CPU torch tensor works through ``__array__``).
-            valid: ``T x T`` bool, False for padding / nodata / outside the image (weight 0); None: all valid.
+            logits: ``C x T x T`` float32, best on the stitcher's device (the model's); a host array is copied there.
+            valid: ``T x T`` bool, False for padding / nodata / outside the image (weight 0); None: all valid. Best
+                on the host (the reader's): then a tile valid everywhere it reaches costs no masking.
         """
         self._check_tile(tile)
         t, c = self.grid.tile, self.num_classes
-        logits = np.asarray(logits, dtype=np.float32)
-        if logits.shape != (c, t, t):
+        if tuple(logits.shape) != (c, t, t):
             raise InvalidRegionError(
-                f"tile #{tile.index}: expected logits of shape C x T x T = {(c, t, t)}, got {logits.shape}; "
+                f"tile #{tile.index}: expected logits of shape C x T x T = {(c, t, t)}, got {tuple(logits.shape)}; "
                 "pass one tile's prediction at tile size (crop the batch padding, keep all classes)"
             )
-        w = tile_window(self.blend, tile)
-        if valid is not None:
-            valid = np.asarray(valid, dtype=bool)
-            if valid.shape != (t, t):
-                raise InvalidRegionError(f"tile #{tile.index}: expected a {t} x {t} valid mask, got {valid.shape}")
-            w = w * valid
-        # The part of the image this tile can contribute to (crop: only its owned region).
+        if valid is not None and tuple(valid.shape) != (t, t):
+            raise InvalidRegionError(f"tile #{tile.index}: expected a {t} x {t} valid mask, got {tuple(valid.shape)}")
+        # The part of the image this tile can contribute to (crop: only its owned region, where its window is 1;
+        # the smooth windows are > 0 everywhere): there the weight is 0 exactly where the tile is not valid.
         (y0, y1), (x0, x1) = self._row_reach[tile.row], self._col_reach[tile.col]
-        ws = w[y0 - tile.y : y1 - tile.y, x0 - tile.x : x1 - tile.x]
-        ls = logits[:, y0 - tile.y : y1 - tile.y, x0 - tile.x : x1 - tile.x]
-        contrib = ls * ws
-        # One sum tells that every product is finite (the common case) far cheaper than a per-pixel check.
-        if not np.isfinite(contrib.sum(dtype=np.float64)):
-            keep = ws > 0
-            if not (np.isfinite(ls).all(axis=0) | ~keep).all():
-                raise InvalidRegionError(
-                    f"tile #{tile.index} (row {tile.row}, col {tile.col}): non-finite logits where the tile is valid; "
-                    "check the model and its input (e.g. float16 overflow), or mark those pixels invalid"
-                )
-            contrib = np.where(keep, contrib, 0)  # NaN / garbage under weight 0 (padding) must not leak
+        rows, cols = slice(y0 - tile.y, y1 - tile.y), slice(x0 - tile.x, x1 - tile.x)
+        ls = _as_tensor(logits, torch.float32, self.device)[:, rows, cols]
+        ws = self._window(tile)[rows, cols]
+        drop = None  # where the weight is 0 (None: nowhere)
+        if isinstance(valid, torch.Tensor):
+            keep = valid.to(self.device, torch.bool)[rows, cols]
+            ws, drop = ws * keep, ~keep
+        elif valid is not None:
+            v = np.asarray(valid, dtype=bool)[rows, cols]
+            if not v.all():  # read on the host: no wait for the device
+                keep = torch.from_numpy(np.ascontiguousarray(v)).to(self.device, non_blocking=True)
+                ws, drop = ws * keep, ~keep
         self._seen[tile.index] = True
         rc, cc = self._row_cuts, self._col_cuts
         for i, j in self._cells_of(tile):
             a, b, p, q = rc[i] - y0, rc[i + 1] - y0, cc[j] - x0, cc[j + 1] - x0
             acc, wsum = self._cell(i, j)
-            acc += contrib[:, a:b, p:q]
-            wsum += ws[a:b, p:q]
+            contrib = ls[:, a:b, p:q] * ws[a:b, p:q]
+            if drop is not None:
+                contrib.masked_fill_(drop[a:b, p:q], 0.0)  # NaN / garbage under weight 0 (padding) must not leak
+            acc.add_(contrib)
+            wsum.add_(ws[a:b, p:q])
             self._contributed(i, j)
+
+    def _window(self, tile: Tile) -> torch.Tensor:
+        """``tile``'s ``T x T`` blend window on the device, copied there once per distinct window."""
+        w = tile_window(self.blend, tile)
+        cached = self._windows.get(id(w))
+        if cached is None or cached[0] is not w:
+            cached = self._windows[id(w)] = (w, torch.from_numpy(np.array(w)).to(self.device))
+        return cached[1]
 
     def skip(self, tile: Tile) -> None:
         """Record that ``tile`` has no prediction (e.g. no tissue): its area gets weight 0."""
@@ -231,14 +264,14 @@ class SegmentationStitcher:
         """The cells ``(i, j)`` ``tile`` covers, row by row."""
         return itertools.product(range(*self._row_cells[tile.row]), range(*self._col_cells[tile.col]))
 
-    def _cell(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+    def _cell(self, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Cell ``(i, j)``'s accumulators, allocated at its first contribution."""
         cell = self._cells.get((i, j))
         if cell is None:
             h, w = self._row_cuts[i + 1] - self._row_cuts[i], self._col_cuts[j + 1] - self._col_cuts[j]
             cell = self._cells[i, j] = (
-                _mapped_zeros((self.num_classes, h, w)),
-                _mapped_zeros((h, w)),
+                torch.zeros((self.num_classes, h, w), dtype=torch.float32, device=self.device),
+                torch.zeros((h, w), dtype=torch.float32, device=self.device),
             )
             self._held += h * w
             self._max_held = max(self._max_held, self._held)
@@ -252,49 +285,118 @@ class SegmentationStitcher:
         y0, x0 = self._row_cuts[i], self._col_cuts[j]
         h, w = self._row_cuts[i + 1] - y0, self._col_cuts[j + 1] - x0
         cell = self._cells.pop((i, j), None)
-        if cell is None:  # every contributor was skipped: all nodata
-            logits = np.full((self.num_classes, h, w), np.nan, dtype=np.float32)
-            valid = np.zeros((h, w), dtype=bool)
+        if cell is None:  # every contributor was skipped: all nodata, nothing allocated
+            logits = torch.zeros((), dtype=torch.float32, device=self.device).expand(self.num_classes, h, w)
+            valid = torch.zeros((h, w), dtype=torch.bool, device=self.device)
         else:
             self._held -= h * w
             logits, wsum = cell
             valid = wsum > 0
-            np.divide(logits, wsum, out=logits, where=valid)
-            logits[:, ~valid] = np.nan
+            logits.div_(torch.where(valid, wsum, 1.0))  # where no tile had weight the sums are +0: 0 / 1
         self._unsent[i] -= 1
         while self._rows_sent < len(self._unsent) and self._unsent[self._rows_sent] == 0:
             self._rows_sent += 1
         self.sink(y0, x0, logits, valid)
 
 
-def class_map(logits: np.ndarray, valid: np.ndarray, nodata: int = 255, dtype: DTypeLike = np.uint8) -> np.ndarray:
-    """``h x W`` class indices of ``C x h x W`` logits: ``argmax`` over classes, or ``logit > 0`` when ``C == 1``
-    (a sigmoid head); ``nodata`` where ``valid`` (``h x W`` bool) is False."""
-    dtype = np.dtype(dtype)
+def class_map(
+    logits: torch.Tensor, valid: torch.Tensor, nodata: int = 255, dtype: torch.dtype = torch.uint8
+) -> torch.Tensor:
+    """``h x w`` class indices of ``C x h x w`` logits, on their device: the first maximum over classes (as numpy's
+    ``argmax``), or ``logit > 0`` when ``C == 1`` (a sigmoid head); ``nodata`` where ``valid`` (``h x w`` bool) is
+    False (whatever the logits are there)."""
     c = logits.shape[0]
-    info = np.iinfo(dtype)
+    info = torch.iinfo(dtype)
     if not (max(c, 2) <= nodata <= info.max):
         raise ConfigError(
             f"nodata {nodata} must not be a class index (0..{max(c, 2) - 1}) and must fit {dtype} "
             f"(<= {info.max}); use nodata={info.max} or a wider dtype"
         )
-    x = np.where(valid, logits, 0)  # argmax would pick NaN
-    classes = (x[0] > 0) if c == 1 else x.argmax(axis=0)
-    return np.where(valid, classes, nodata).astype(dtype)
+    # max(dim).indices: the first maximal index, as argmax, and faster than argmax over the leading dimension.
+    classes = (logits[0] > 0) if c == 1 else logits.max(dim=0).indices
+    return torch.where(valid, classes.to(dtype), nodata)
 
 
-def probabilities(logits: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """``C x h x W`` float32 softmax over classes (sigmoid when ``C == 1``), NaN where ``valid`` is False.
+def probabilities(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``C x h x w`` float32 softmax over classes (sigmoid when ``C == 1``), on the logits' device; NaN where
+    ``valid`` is False.
 
     Probabilities of the blended logits (blending logits, then softmax, as mmsegmentation's slide inference)."""
-    x = np.where(valid, logits, 0).astype(np.float32)
+    x = logits.float()
     if x.shape[0] == 1:
-        p = 1 / (1 + np.exp(-x))
+        p = 1 / (1 + torch.exp(-x))
     else:
-        p = np.exp(x - x.max(axis=0, keepdims=True))
-        p /= p.sum(axis=0, keepdims=True)
-    p[:, ~valid] = np.nan
-    return p
+        p = torch.exp(x - x.amax(dim=0, keepdim=True))
+        # Summed class by class, in order, as numpy sums along the first axis: torch's own sum over dim 0 orders
+        # the float32 additions differently (up to 2e-6 apart in the probabilities with 150 classes).
+        total = p[0].clone()
+        for k in range(1, p.shape[0]):
+            total += p[k]
+        p /= total
+    return p.masked_fill_(~valid, float("nan"))
+
+
+@dataclass(eq=False)
+class ReducedCell:
+    """A final cell reduced on the device (:func:`reduce_cell`), on its way to the host."""
+
+    y0: int
+    x0: int
+    shape: tuple[int, int]
+    _classes: torch.Tensor | None
+    _probs: torch.Tensor | None
+    _finite: torch.Tensor
+    _copied: torch.cuda.Event | None
+
+    def result(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``(h x w class indices, h x w x C float32 probabilities)`` on the host (None for what was not asked),
+        once the copies are done (this waits for them, and so for the device's work up to the cell's reduction).
+
+        Raises:
+            InvalidRegionError: the cell's logits were not finite where a tile had weight.
+        """
+        if self._copied is not None:
+            self._copied.synchronize()
+        if not bool(self._finite):
+            (h, w), y, x = self.shape, self.y0, self.x0
+            raise InvalidRegionError(
+                f"non-finite logits in rows {y}..{y + h}, columns {x}..{x + w} of the stitched image, where a tile "
+                "is valid; check the model and its input (e.g. float16 overflow), or mark those pixels invalid"
+            )
+        return tuple(None if t is None else t.numpy() for t in (self._classes, self._probs))  # type: ignore[return-value]
+
+
+def reduce_cell(
+    y0: int,
+    x0: int,
+    logits: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    classes: bool = True,
+    probs: bool = False,
+    nodata: int = 255,
+    dtype: torch.dtype = torch.uint8,
+) -> ReducedCell:
+    """A stitcher's final cell (see :data:`BlockSink`) reduced on its device to what is written: ``h x w`` class
+    indices (:func:`class_map`) and, with ``probs``, ``h x w x C`` float32 probabilities (:func:`probabilities`),
+    then copied to the host, without waiting on CUDA (into pinned memory; :meth:`ReducedCell.result` waits).
+
+    With the reduction goes one flag: whether the logits are finite (their sum is; 0 where no tile had weight), so
+    that a non-finite logit where a tile is valid stops the run when the cell is final, not with a wait per tile."""
+    finite = torch.isfinite(logits.sum())
+    cmap = class_map(logits, valid, nodata, dtype) if classes else None
+    p = probabilities(logits, valid).permute(1, 2, 0) if probs else None
+    out = [cmap, p, finite]
+    copied = None
+    if logits.device.type == "cuda":
+        out = [None if t is None else t.to("cpu", non_blocking=True) for t in out]
+        copied = torch.cuda.Event()
+        copied.record()
+    else:
+        out = [None if t is None else t.cpu() for t in out]
+    h, w = valid.shape
+    assert out[2] is not None
+    return ReducedCell(y0, x0, (h, w), out[0], out[1], out[2], copied)
 
 
 class WindowWriter(Protocol):
@@ -333,7 +435,7 @@ class BlockAssembler:
         self,
         rows: list[int],
         cols: list[int],
-        sink: BlockSink | Callable[..., None],
+        sink: Callable[..., None],
         *,
         block_rows: tuple[int, int] | None = None,
     ) -> None:
@@ -444,10 +546,11 @@ class BlockAssembler:
 class ClassMapSink:
     """A :data:`BlockSink` writing the stitched image as a class map and/or per-class probabilities.
 
-    Each cell is reduced at once to ``h x w`` class indices (see :func:`class_map`; create the writer with the same
-    dtype and ``nodata``) and, with ``probs``, ``h x w x C`` float32 (see :func:`probabilities`; e.g. a
-    ``GeoTiffWriter`` with ``count=C, dtype=float32, nodata=nan``), and written at once as a window: the sink holds
-    nothing (the writers hold their partial tiles, see theirs). :meth:`finish` checks every pixel was written.
+    Each cell is reduced on the stitcher's device (:func:`reduce_cell`) to ``h x w`` class indices (see
+    :func:`class_map`; create the writer with the same dtype and ``nodata``) and, with ``probs``, ``h x w x C``
+    float32 (see :func:`probabilities`; e.g. a ``GeoTiffWriter`` with ``count=C, dtype=float32, nodata=nan``), copied
+    to the host and written at once as a window: the sink holds nothing (the writers hold their partial tiles, see
+    theirs). :meth:`finish` checks every pixel was written.
     """
 
     def __init__(
@@ -457,19 +560,24 @@ class ClassMapSink:
         probs: WindowWriter | None = None,
         *,
         nodata: int = 255,
-        dtype: DTypeLike = np.uint8,
+        dtype: torch.dtype = torch.uint8,
     ) -> None:
         if classes is None and probs is None:
             raise ConfigError("ClassMapSink needs a class-map writer, a probability writer, or both")
         self.classes, self.probs, self.nodata, self.dtype = classes, probs, nodata, dtype
         self.pixels, self.total = 0, grid.width * grid.height
 
-    def __call__(self, y0: int, x0: int, logits: np.ndarray, valid: np.ndarray) -> None:
-        if self.classes is not None:
-            self.classes.write(class_map(logits, valid, self.nodata, self.dtype), x0, y0)
-        if self.probs is not None:
-            self.probs.write(np.moveaxis(probabilities(logits, valid), 0, -1), x0, y0)
-        self.pixels += valid.size
+    def __call__(self, y0: int, x0: int, logits: torch.Tensor, valid: torch.Tensor) -> None:
+        cell = reduce_cell(
+            y0, x0, logits, valid, classes=self.classes is not None, probs=self.probs is not None,
+            nodata=self.nodata, dtype=self.dtype,
+        )  # fmt: skip
+        cmap, probs = cell.result()
+        if self.classes is not None and cmap is not None:
+            self.classes.write(cmap, x0, y0)
+        if self.probs is not None and probs is not None:
+            self.probs.write(probs, x0, y0)
+        self.pixels += valid.numel()
 
     def finish(self) -> None:
         if self.pixels != self.total:
