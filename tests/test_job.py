@@ -142,7 +142,12 @@ def test_the_segment_command_under_torchrun_equals_one_process(image, tmp_path):
     torch.save({"state_dict": model.state_dict(), "meta": {"dataset_meta": {"classes": classes}}}, checkpoint)
     args = ["segment", str(image), "-c", str(config), "-w", str(checkpoint), "--tile", "64", "--overlap", "16", "-q"]
     one, two = tmp_path / "one" / "seg.tif", tmp_path / "two" / "seg.tif"
-    assert main([*args, "-o", str(one)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank (torchrun sets OMP_NUM_THREADS=1): a model's floats depend on it
+    try:
+        assert main([*args, "-o", str(one)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
         [*torchrun, "-m", "densevision.cli", *args, "-o", str(two)], capture_output=True, text=True, timeout=600
