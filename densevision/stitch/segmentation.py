@@ -37,6 +37,7 @@ fixed blocks (e.g. the grid's, :func:`block_edges`, for the work folder of a res
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -93,6 +94,27 @@ def _cuts(starts: list[int], bounds: list[tuple[int, int]], tile: int, length: i
     """Sorted cell bounds along one axis: every edge of every tile's reach, with 0 and ``length``."""
     edges = {e for b in bounds for e in b} if crop else {e for s in starts for e in (s, min(s + tile, length))}
     return sorted(edges | {0, length})
+
+
+# Threads for the stitcher's (and its sink's) torch work on the CPU. The reader workers and the model share the cores:
+# on 2 busy cores a parallel region waits for a second thread to be scheduled (2 threads: 404 ms per tile of 2
+# classes at load 5, one: 23 ms; numpy, single-threaded: 30 ms). Elementwise ops and the order of the sums do not
+# depend on it: the bits do not change.
+CPU_THREADS = 1
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device) -> Iterator[None]:
+    """torch's intra-op threads at :data:`CPU_THREADS` meanwhile, on the CPU (restored after)."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n <= CPU_THREADS:
+        yield
+        return
+    torch.set_num_threads(CPU_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _as_tensor(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -158,6 +180,7 @@ class SegmentationStitcher:
         self._seen = np.zeros(len(grid), dtype=bool)
         self._cells: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._windows: dict[int, tuple[np.ndarray, torch.Tensor]] = {}  # id(host window) -> (it, its device copy)
+        self._buffer: torch.Tensor | None = None
         self._held = 0
         self._max_held = 0
 
@@ -190,6 +213,10 @@ class SegmentationStitcher:
             valid: ``T x T`` bool, False for padding / nodata / outside the image (weight 0); None: all valid. Best
                 on the host (the reader's): then a tile valid everywhere it reaches costs no masking.
         """
+        with _cpu_threads(self.device):
+            self._add(tile, logits, valid)
+
+    def _add(self, tile: Tile, logits: torch.Tensor | np.ndarray, valid: np.ndarray | torch.Tensor | None) -> None:
         self._check_tile(tile)
         t, c = self.grid.tile, self.num_classes
         if tuple(logits.shape) != (c, t, t):
@@ -219,12 +246,20 @@ class SegmentationStitcher:
         for i, j in self._cells_of(tile):
             a, b, p, q = rc[i] - y0, rc[i + 1] - y0, cc[j] - x0, cc[j + 1] - x0
             acc, wsum = self._cell(i, j)
-            contrib = ls[:, a:b, p:q] * ws[a:b, p:q]
+            contrib = self._scratch(c, b - a, q - p)
+            torch.mul(ls[:, a:b, p:q], ws[a:b, p:q], out=contrib)
             if drop is not None:
                 contrib.masked_fill_(drop[a:b, p:q], 0.0)  # NaN / garbage under weight 0 (padding) must not leak
             acc.add_(contrib)
             wsum.add_(ws[a:b, p:q])
             self._contributed(i, j)
+
+    def _scratch(self, c: int, h: int, w: int) -> torch.Tensor:
+        """A ``c x h x w`` float32 buffer for one cell's products, reused (``C x T x T`` at most, held while the
+        stitcher lives: one tile more in the bound; on the CPU a fresh one per cell costs its page faults)."""
+        if self._buffer is None:
+            self._buffer = torch.empty(self.num_classes * self.grid.tile**2, dtype=torch.float32, device=self.device)
+        return self._buffer[: c * h * w].view(c, h, w)
 
     def _window(self, tile: Tile) -> torch.Tensor:
         """``tile``'s ``T x T`` blend window on the device, copied there once per distinct window."""
@@ -238,8 +273,9 @@ class SegmentationStitcher:
         """Record that ``tile`` has no prediction (e.g. no tissue): its area gets weight 0."""
         self._check_tile(tile)
         self._seen[tile.index] = True
-        for i, j in self._cells_of(tile):
-            self._contributed(i, j)
+        with _cpu_threads(self.device):
+            for i, j in self._cells_of(tile):
+                self._contributed(i, j)
 
     def finish(self) -> None:
         """Check that every tile was added or skipped (so every pixel reached the sink)."""
@@ -312,8 +348,18 @@ def class_map(
             f"nodata {nodata} must not be a class index (0..{max(c, 2) - 1}) and must fit {dtype} "
             f"(<= {info.max}); use nodata={info.max} or a wider dtype"
         )
-    # max(dim).indices: the first maximal index, as argmax, and faster than argmax over the leading dimension.
-    classes = (logits[0] > 0) if c == 1 else logits.max(dim=0).indices
+    if c == 1:
+        classes = logits[0] > 0
+    elif logits.device.type == "cpu":
+        # Class by class (a later class wins only when strictly greater: the first maximum): on the CPU 1.7x
+        # faster than max(dim=0).indices with 150 classes, which reduces the leading dimension element by element.
+        index = torch.uint8 if c <= 256 else torch.int32
+        best, classes = logits[0].clone(), torch.zeros(logits.shape[1:], dtype=index)
+        for k in range(1, c):
+            classes.masked_fill_(logits[k] > best, k)
+            torch.maximum(best, logits[k], out=best)
+    else:
+        classes = logits.max(dim=0).indices  # the first maximal index, as numpy's argmax
     return torch.where(valid, classes.to(dtype), nodata)
 
 
