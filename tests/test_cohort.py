@@ -203,6 +203,14 @@ def test_a_manifest_cannot_write_outside_out_dir_and_bad_rows_are_usage_errors(
     assert not list((tmp_path / "out").rglob("*.tif")) if (tmp_path / "out").exists() else True
 
 
+def test_fail_fast_stops_at_the_first_failure_in_one_line(model, cohort, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["segment", str(cohort), "-o", str(out), "--fail-fast", *_args(model)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("densevision: error:") and "corrupt.tif" in err[0]  # sorted first
+    assert not list(out.rglob("*.tif")) and json.loads((out / "corrupt.failed.json").read_text())["error"]
+
+
 def test_a_missing_image_in_a_manifest_is_recorded_and_the_rest_go_on(model, cohort, tmp_path):
     manifest = tmp_path / "m.txt"
     manifest.write_text(f"# one path a line\nmissing.png\n{cohort / 'photo.png'}\n")
@@ -328,7 +336,8 @@ def test_torchrun_ranks_take_whole_images_each_exactly_once(model, cohort, one_p
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    done = [line.split(":")[0].removeprefix("done ") for line in proc.stdout.splitlines() if line.startswith("done ")]
+    said = proc.stdout + proc.stderr  # a line per image goes above the progress bars, on standard error
+    done = [line.split(":")[0].removeprefix("done ") for line in said.splitlines() if line.startswith("done ")]
     assert sorted(done) == sorted(GOOD)  # each image by one rank, once
     for name, reference in one_process.items():
         assert (out / f"{name}.tif").read_bytes() == reference, name
@@ -354,7 +363,8 @@ def test_two_nodes_with_a_c10d_rendezvous_share_one_cohort(model, cohort, one_pr
     procs = [subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     said = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in said]
-    done = [ln.split(":")[0].removeprefix("done ") for o, _ in said for ln in o.splitlines() if ln.startswith("done ")]
+    lines = [ln for o, e in said for ln in (o + e).splitlines()]
+    done = [ln.split(":")[0].removeprefix("done ") for ln in lines if ln.startswith("done ")]
     assert sorted(done) == sorted(GOOD)
     for name, reference in one_process.items():
         assert (out / f"{name}.tif").read_bytes() == reference, name

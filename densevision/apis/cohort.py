@@ -415,9 +415,9 @@ def run_cohort(
                          "request": e.request},
                     )  # fmt: skip
             tally["failed"] += 1
-            say(f"failed {e.image.name}: {error}")
             if fail_fast or isinstance(exc, DiskFullError):  # on a full disk every image after it would fail too
-                raise
+                raise  # the caller's one line says it
+            say(f"failed {e.image.name}: {error}")
             return
         if ranks[0] == 0:
             e.failed_path.unlink(missing_ok=True)

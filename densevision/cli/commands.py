@@ -141,6 +141,13 @@ def is_cohort(args: argparse.Namespace) -> bool:
     )  # fmt: skip
 
 
+def above_bars(line: str) -> None:
+    """A line on the terminal (standard error, where the progress bars are) above the bars, which are redrawn."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
 def _run_cohort(args: argparse.Namespace, **task_settings: Any) -> int:
     from densevision.apis.cohort import SUFFIXES, run_cohort
 
@@ -150,7 +157,7 @@ def _run_cohort(args: argparse.Namespace, **task_settings: Any) -> int:
     settings.pop("resume")  # a cohort always continues what it finds
     result = run_cohort(
         args.inputs, args.out, args.command, pattern=args.pattern, overwrite=args.overwrite, fail_fast=args.fail_fast,
-        shard=args.shard, split_above=int(args.split_above * 1e6), log=say, **settings, **task_settings,
+        shard=args.shard, split_above=int(args.split_above * 1e6), log=above_bars, **settings, **task_settings,
     )  # fmt: skip
     if "rank" in result:
         return 0
