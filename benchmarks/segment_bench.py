@@ -9,7 +9,8 @@ memory (``VmHWM``; reader workers' largest peak from ``RUSAGE_CHILDREN``) is rep
    gaussian blend, 2 workers, glass skipped. Is peak RSS flat in the image size?
 2. ``overhead``: on one slide (default 16384^2), tiles/s of raw ``read_region`` over the same grid (1 and 2
    processes), of the engine's reader alone (``TileDataset`` + DataLoader, no model), of the model alone (batches
-   in memory), and of ``segment_image`` end to end (all tiles, ``skip_empty=False``), with 0 and 2 workers.
+   in memory), and of ``segment_image`` end to end (all tiles, ``skip_empty=False``), with 0 and 2 workers; then with
+   :class:`NullModel` (zero logits, the host path's ceiling) for each class count of ``--classes`` (default 2 150).
 3. ``mmseg``: a small real mmseg model (the project's UperNet + Swin-T config shrunk with cfg_options, random
    weights saved as an mmengine checkpoint) on a generated 8192^2 GeoTIFF: mmseg's ``slide_inference`` on the
    whole image as one tensor (crop 512, stride 448) against ``segment_image(..., tile=512, overlap=64,
@@ -75,6 +76,22 @@ def mmseg_options(tile: int, stride: int, *, full: bool = False) -> dict[str, An
     }
 
 
+class NullModel:
+    """A model that costs nothing: zero logits for ``num_classes`` classes at the input's size, on its device. What
+    ``segment_image`` sustains with it is the host path's ceiling (reading, blending, reducing, writing)."""
+
+    size_divisor = 32
+    device = torch.device("cpu")
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.class_names = tuple(f"class_{i}" for i in range(num_classes))
+        self.palette = tuple(((37 * i) % 256, (91 * i) % 256, (151 * i) % 256) for i in range(num_classes))
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((len(batch), self.num_classes, *batch.shape[-2:]), device=batch.device)
+
+
 class SaturationConv(torch.nn.Module):
     """A cheap fixed model: 3 x 3 box filter per channel, then 'glass' / 'stained' logits from the saturation."""
 
@@ -123,6 +140,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="tiles per batch (default 4)")
     p.add_argument("--workers", type=int, default=2, help="reader workers in parts 1 and 3 (default 2)")
     p.add_argument("--model-only-tiles", type=int, default=256, help="tiles timed in part 2's model-only row")
+    p.add_argument(
+        "--classes",
+        type=int,
+        nargs="*",
+        default=[2, 150],
+        help="part 2: class counts of the null model's end-to-end rows (zero logits; default 2 150, 150 being\n"
+        "ADE20k's); none: no null-model rows",
+    )
     p.add_argument("--tile-size", type=int, default=512, help="TIFF tile side of the generated slides (default 512)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated slides (default 90)")
     p.add_argument("--seed", type=int, default=0, help="content seed of the generated images and weights")
@@ -143,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, help=argparse.SUPPRESS)
     p.add_argument("--height", type=int, help=argparse.SUPPRESS)
     p.add_argument(
-        "--model", choices=["saturation", "mmseg", "mmseg-full"], default="saturation", help=argparse.SUPPRESS
+        "--model", choices=["saturation", "null", "mmseg", "mmseg-full"], default="saturation", help=argparse.SUPPRESS
     )
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     p.add_argument("--amp", action="store_true", help=argparse.SUPPRESS)
@@ -211,7 +236,9 @@ def child_segment(args: argparse.Namespace) -> dict[str, Any]:
 
     config = checkpoint = predictor = None
     options = None
-    if args.model != "saturation":
+    if args.model == "null":
+        predictor = NullModel(args.classes[0])
+    elif args.model != "saturation":
         config, checkpoint = MMSEG_CONFIG, args.checkpoint
         options = mmseg_options(args.tile, args.tile - args.overlap, full=args.model == "mmseg-full")
         import mmseg.apis  # noqa: F401  (imported before timing, as in the mmseg child)
@@ -448,6 +475,8 @@ def _run_child(args: argparse.Namespace, *extra: str, workers: int | None = None
     cmd += ["--workers", str(args.workers if workers is None else workers), "--seed", str(args.seed)]
     cmd += ["--tile-size", str(args.tile_size), "--quality", str(args.quality)]
     cmd += ["--model-only-tiles", str(args.model_only_tiles), "--device", args.device]
+    if "--classes" not in extra:
+        cmd += ["--classes", *map(str, args.classes)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
@@ -564,7 +593,17 @@ def part_overhead(args: argparse.Namespace) -> Part:
         r = _run_child(args, "--child", "segment", *p, "--out", str(out), "--no-skip", workers=w)
         _drop_outputs(args, out)
         cells.append(("`segment_image` end to end", f"workers {w}", r))
+    end = cells[-1][2]
+    nulls = []
+    for k in args.classes:
+        out = _out(args, f"overhead-null{k}.tif")
+        r = _run_child(args, "--child", "segment", *p, "--out", str(out), "--no-skip", "--model", "null",
+                       "--classes", str(k), workers=2)  # fmt: skip
+        _drop_outputs(args, out)
+        cells.append((f"`segment_image` end to end, null model (zero logits), K = {k}", "workers 2", r))
+        nulls.append((k, r))
     raw = cells[0][2]["tiles"] / cells[0][2]["seconds"]
+    raw2 = cells[1][2]["tiles"] / cells[1][2]["seconds"]
     head = "| what | parallelism | tiles | seconds | tiles/s | x raw 1-process read | wait / predict / consume s | "
     head += "peak RSS MiB | workers' peak MiB | load |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -592,13 +631,19 @@ def part_overhead(args: argparse.Namespace) -> Part:
         f"{args.model_only_tiles} tiles of in-memory batches, torch with {torch.get_num_threads()} threads."
         + LOAD_NOTE,
     ]
-    end = cells[-1][2]
     rate = end["tiles"]["done"] / end["seconds"]
     headline = (
         f"Engine overhead ({width} x {height}, cheap model): `segment_image` end to end {rate:.1f} tiles/s with 2 "
         f"workers, {rate / raw:.2f}x a bare `read_region` loop over the same grid ({raw:.1f} tiles/s)."
     )
-    return Part("\n".join(lines), [headline])
+    headlines = [headline]
+    for k, r in nulls:
+        rk = r["tiles"]["done"] / r["seconds"]
+        headlines.append(
+            f"Host ceiling ({width} x {height}, null model, K = {k}): {rk:.1f} tiles/s with 2 workers, "
+            f"{rk / raw2:.2f}x bare `read_region` in 2 processes ({raw2:.1f} tiles/s)."
+        )
+    return Part("\n".join(lines), headlines)
 
 
 # --- part 3: against mmsegmentation ------------------------------------------------------------------------------
