@@ -485,24 +485,6 @@ def test_slide_at_a_lower_level_gives_level0_coordinates_and_microns(tmp_path):
     assert stained["name"] == "stained" and stained["area_um2"] == pytest.approx(sum(g.area for g in geoms) * 0.25)
 
 
-QGIS = textwrap.dedent(
-    """
-    import json, os, sys
-    from qgis.core import QgsApplication, QgsVectorLayer
-    app = QgsApplication([], False)
-    app.initQgis()
-    found = {}
-    for path in sys.argv[1:]:
-        layer = QgsVectorLayer(path, "regions", "ogr")
-        e = layer.extent()
-        found[path] = {"valid": layer.isValid(), "crs": layer.crs().authid(), "count": layer.featureCount(),
-                       "extent": [e.xMinimum(), e.yMinimum(), e.xMaximum(), e.yMaximum()]}
-    print(json.dumps(found), flush=True)
-    os._exit(0)  # QgsApplication.exitQgis() crashes headless QGIS 3.22 at exit
-    """
-)
-
-
 def _qgis_present() -> bool:
     try:
         return subprocess.run(["/usr/bin/python3", "-c", "import qgis.core"], capture_output=True).returncode == 0
@@ -516,6 +498,10 @@ def _qgis_present() -> bool:
 )
 def test_outputs_open_in_qgis_with_their_crs_and_extent(scene, tmp_path):
     import os
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from polygons import QGIS  # the benchmark's QGIS script: one copy
 
     path, _, _ = scene
     outs = {s: tmp_path / f"regions{s}" for s in (".gpkg", ".fgb", ".geojson")}
