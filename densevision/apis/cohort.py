@@ -30,7 +30,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from densevision.apis.job import Task, beside, request_fingerprint, run_job, work_folder_path, working_size
+from densevision.apis.job import (
+    Task,
+    beside,
+    polygons_beside,
+    request_fingerprint,
+    run_job,
+    work_folder_path,
+    working_size,
+)
 from densevision.apis.settings import (
     DETECTION_TILING,
     SEGMENTATION_TILING,
@@ -89,15 +97,16 @@ class _Tasks:
         if isinstance(s, Detection) and s.coco_out is not None:
             return dataclasses.replace(s, coco_out=beside(out, ".coco.json"))
         if isinstance(s, Segmentation) and s.polygons is not None:
-            given = str(s.polygons)
-            fmt = Path(given).suffix or "." + given.lstrip(".")
-            return dataclasses.replace(s, polygons=beside(out, f".polygons{fmt}"))
+            return dataclasses.replace(s, polygons=polygons_beside(out, s.polygons))
         return s
 
-    def _make(self, settings: Any) -> Task:
-        if self.type.__name__ == "SegmentationTask":
-            return self.type(settings, self.predictor)  # type: ignore[call-arg]
-        return self.type(settings, self.predictor, self.sam)  # type: ignore[call-arg]
+    def _make(self, settings: Segmentation | Detection) -> Task:
+        from densevision.apis.detect import DetectionTask
+        from densevision.apis.segment import SegmentationTask
+
+        if isinstance(settings, Segmentation):
+            return SegmentationTask(settings, self.predictor)
+        return DetectionTask(settings, self.predictor, self.sam)
 
     def build(self, model: Model, device: Any) -> None:
         """The model (and SAM), once; a config or checkpoint that does not load stops the cohort."""

@@ -70,6 +70,12 @@ def beside(out: Path, suffix: str) -> Path:
     return stem.with_name(stem.name + suffix)
 
 
+def polygons_beside(out: Path, given: str | os.PathLike[str]) -> Path:
+    """``out/name.polygons.<format>`` for polygons asked for by a format (``gpkg``) or a path's suffix."""
+    fmt = Path(given).suffix or "." + str(given).lstrip(".")
+    return beside(out, f".polygons{fmt}")
+
+
 class Task(abc.ABC):
     """One kind of whole-image prediction plugged into :func:`run_job`."""
 

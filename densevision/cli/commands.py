@@ -176,13 +176,13 @@ def _run_cohort(args: argparse.Namespace, **task_settings: Any) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from densevision.apis.job import beside
+    from densevision.apis.job import polygons_beside
     from densevision.apis.segment import segment_image
     from densevision.apis.settings import Segmentation
 
     polygons = args.polygons
     if polygons is not None and not is_cohort(args) and not Path(polygons).suffix:  # a format: beside the class map
-        polygons = beside(Path(args.out), f".polygons.{polygons.lstrip('.')}")
+        polygons = polygons_beside(Path(args.out), polygons)
     segmentation = Segmentation(
         args.blend, args.probabilities, polygons=polygons,
         exclude_classes=tuple(args.exclude_classes) if args.exclude_classes is not None else None,
