@@ -90,6 +90,41 @@ def test_crop_blend_equals_the_whole_image(geotiff, tmp_path):
     ]  # fmt: skip
 
 
+def test_probabilities_in_uint8_are_the_float32_ones_rounded(geotiff, tmp_path):
+    path, _, transform = geotiff
+    stored = {}
+    for dtype in ("float32", "uint8"):
+        summary = segment_image(
+            path, out=tmp_path / f"{dtype}.tif", predictor=ConvPredictor(), tile=64, overlap=16, blend="gaussian",
+            workers=0, probability_output=True, probability_dtype=dtype, skip_empty=False, progress=False,
+        )  # fmt: skip
+        assert summary["settings"]["probability_dtype"] == dtype
+        with rasterio.open(summary["probabilities"]) as probs:
+            assert probs.dtypes == (dtype,) * 4 and probs.transform == transform and probs.crs.to_epsg() == 32631
+            assert probs.descriptions == ConvPredictor.class_names
+            stored[dtype] = (probs.read(), probs.nodata, probs.scales)
+        with rasterio.open(tmp_path / "float32.tif") as a, rasterio.open(tmp_path / f"{dtype}.tif") as b:
+            np.testing.assert_array_equal(a.read(), b.read())  # the same class map whatever the probabilities' dtype
+    p32, nodata, scales = stored["float32"]
+    assert np.isnan(nodata) and scales == (1.0,) * 4 and np.isfinite(p32).all()
+    p8, nodata, scales = stored["uint8"]
+    assert nodata == 255 and scales == pytest.approx((1 / 254,) * 4)
+    np.testing.assert_array_equal(p8, np.round(p32 * np.float32(254)).astype(np.uint8))
+    assert p8.max() <= 254 and np.abs(p8 * scales[0] - p32).max() <= 0.5 / 254 + 1e-6
+
+
+def test_uint8_probabilities_mark_nodata_with_255(data_dir, tmp_path):
+    summary = segment_image(
+        data_dir / "geotiff/RGB.byte.tif", out=tmp_path / "seg.tif", predictor=SaturationPredictor(), tile=128,
+        overlap=16, workers=0, probability_output=True, probability_dtype="uint8", progress=False,
+    )  # fmt: skip
+    with rasterio.open(summary["probabilities"]) as probs, rasterio.open(tmp_path / "seg.tif") as seg:
+        p, cmap = probs.read(), seg.read(1)
+    assert ((p == 255).all(axis=0) == (cmap == 255)).all() and (cmap == 255).any() and (cmap != 255).any()
+    valid = cmap != 255
+    assert (p[:, valid] <= 254).all() and (np.abs(p[:, valid].astype(int).sum(axis=0) - 254) <= 2).all()
+
+
 def test_level_output_keeps_coordinates(data_dir, tmp_path):
     """Segmenting cogeo.tif at overview level 2 gives an output whose transform is scaled by 4."""
     out = tmp_path / "seg.tif"
@@ -139,6 +174,8 @@ def test_bad_arguments(geotiff, tmp_path):
         segment_image(path, out=tmp_path / "x.png", predictor=ConvPredictor())
     with pytest.raises(ConfigError, match="blend"):
         segment_image(path, out=tmp_path / "x.tif", predictor=ConvPredictor(), blend="median")
+    with pytest.raises(ConfigError, match=r"probability dtype.*float32, uint8"):
+        segment_image(path, out=tmp_path / "x.tif", predictor=ConvPredictor(), probability_dtype="float16")
     with pytest.raises(ConfigError, match="multiple of the model's size divisor 16"):
         segment_image(path, out=tmp_path / "x.tif", predictor=ConvPredictor(), tile=100, progress=False)
     assert not list(tmp_path.glob("x*"))

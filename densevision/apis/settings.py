@@ -18,14 +18,15 @@ from densevision.errors import ConfigError
 from densevision.stitch.blend import BLEND_MODES, check_blend
 from densevision.stitch.detection import MATCHES, METHODS, DetectionMerger
 from densevision.stitch.polygons import CONNECTIVITY, check_connectivity
+from densevision.stitch.segmentation import PROBABILITY_DTYPES
 from densevision.tiling import TileGrid
 
 # The choices, from the layers that implement them (the command line offers these).
 MERGE_METHODS, MATCH_CRITERIA = METHODS, MATCHES
 __all__ = [
     "AREA_UNITS", "BLEND_MODES", "CONNECTIVITY", "DETECTION_TILING", "MATCH_CRITERIA", "MERGE_METHODS",
-    "SEGMENTATION_TILING", "Compute", "Detection", "Model", "Reading", "Segmentation", "Tiling", "area_threshold",
-    "gather", "refuse_unknown",
+    "PROBABILITY_DTYPES", "SEGMENTATION_TILING", "Compute", "Detection", "Model", "Reading", "Segmentation", "Tiling",
+    "area_threshold", "gather", "refuse_unknown",
 ]  # fmt: skip
 
 PathLike = str | os.PathLike[str]
@@ -140,7 +141,8 @@ def area_threshold(value: float | str) -> tuple[float, str | None]:
 @dataclass(frozen=True)
 class Segmentation:
     """What segmentation writes: tiles combined by ``blend`` (see :mod:`densevision.stitch.blend`), and with
-    ``probability_output`` the per-class float32 probabilities beside the class map.
+    ``probability_output`` the per-class probabilities beside the class map, as ``probability_dtype``: float32 or
+    uint8 (``round(p * 254)``, 255 nodata, the GeoTIFF's band scale 1 / 254).
 
     ``polygons``: also a vector file (``.geojson``, ``.gpkg`` or ``.fgb``) with one polygon per connected region of
     each class (:mod:`densevision.stitch.polygons`), its measurements beside it (:mod:`densevision.stitch.measure`).
@@ -156,6 +158,7 @@ class Segmentation:
 
     blend: str = "gaussian"
     probability_output: bool = False
+    probability_dtype: str = "float32"
     polygons: PathLike | None = None
     exclude_classes: tuple[str, ...] | None = None
     min_area: float | str = 0.0
@@ -165,6 +168,11 @@ class Segmentation:
 
     def check(self) -> Segmentation:
         check_blend(self.blend)
+        if self.probability_dtype not in PROBABILITY_DTYPES:
+            raise ConfigError(
+                f"probability dtype (--probability-dtype) must be one of {', '.join(PROBABILITY_DTYPES)}, got "
+                f"{self.probability_dtype!r}"
+            )
         area_threshold(self.min_area)
         _positive("simplify tolerance (--simplify)", self.simplify, integer=False, zero=True)
         check_connectivity(self.connectivity)

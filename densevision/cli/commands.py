@@ -184,7 +184,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if polygons is not None and not is_cohort(args) and not Path(polygons).suffix:  # a format: beside the class map
         polygons = polygons_beside(Path(args.out), polygons)
     segmentation = Segmentation(
-        args.blend, args.probabilities, polygons=polygons,
+        args.blend, args.probabilities, args.probability_dtype, polygons=polygons,
         exclude_classes=tuple(args.exclude_classes) if args.exclude_classes is not None else None,
         min_area=args.min_area, simplify=args.simplify, connectivity=args.connectivity, native_crs=args.native_crs,
     )  # fmt: skip
@@ -331,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         DETECTION_TILING,
         MATCH_CRITERIA,
         MERGE_METHODS,
+        PROBABILITY_DTYPES,
         SEGMENTATION_TILING,
         Detection,
         Segmentation,
@@ -364,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"how overlapping tiles are combined (default: {Segmentation.blend})",
     )  # fmt: skip
     seg.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (*.probs.tif)")
+    seg.add_argument(
+        "--probability-dtype", default=Segmentation.probability_dtype, choices=list(PROBABILITY_DTYPES),
+        help="how the probabilities are stored: float32, or uint8 (p x 254 rounded, 255 nodata, with the "
+        f"GeoTIFF band scale 1/254; a quarter of the size) (default: {Segmentation.probability_dtype})",
+    )  # fmt: skip
     seg.add_argument(
         "--polygons", metavar="OUT", help="also write one polygon per connected region of each class, with its "
         "measurements: .geojson (QuPath annotations for slides, WGS84 for rasters), .gpkg or .fgb; a format alone "

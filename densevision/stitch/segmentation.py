@@ -25,10 +25,10 @@ its tile's add). Any other order is correct too but holds every cell touched and
 
 Per pixel, contributions are summed in float32 in the order the tiles were fed, as a whole-image accumulator would:
 ``acc.add_(logits * w)`` (a product rounded to float32, then a sum: not ``addcmul``, whose fused multiply-add rounds
-once), then ``acc / sum(w)``; the same inputs in the same order give bit-identical blocks, on the CPU the same bits
-as the numpy stitcher that came before (``tests/stitch_reference.py``). Where a tile has weight 0 (padding, nodata)
-its product is set to +0 (NaN or garbage there must not leak): a sum that starts at +0 is never -0, so adding +0
-instead of the product's -0 changes no bit.
+once; the first product is the sum so far), then ``acc / sum(w)``; the same inputs in the same order give
+bit-identical blocks, on the CPU the same values as the numpy stitcher that came before (``tests/stitch_reference.py``:
+the same bits but for the sign of a zero sum, so the same class maps and probabilities). Where a tile has weight 0
+(padding, nodata) its product is set to +0 (NaN or garbage there must not leak).
 
 Downstream: writers take the cells as windows (:class:`ClassMapSink`); :class:`BlockAssembler` regroups them into
 fixed blocks (e.g. the grid's, :func:`block_edges`, for the work folder of a resumable run).
@@ -53,8 +53,8 @@ from densevision.tiling.grid import Tile, TileGrid, axis_bounds
 # sink(y0, x0, logits, valid): one final cell, rows [y0, y0 + h) x columns [x0, x0 + w), as tensors on the
 # stitcher's device. logits: C x h x w float32, the blended logits, 0 where no tile had weight (non-finite where a
 # tile had weight only if its logits were: reduce_cell's result raises then); valid: h x w bool, False there. Every
-# pixel of the image is in exactly one call; the stitcher keeps no reference to the tensors (the logits of a cell no
-# tile reached are a read-only broadcast of one zero).
+# pixel of the image is in exactly one call; the stitcher reuses the tensors' memory once the sink returns (a sink
+# copies what it keeps; the logits of a cell no tile reached are a read-only broadcast of one zero).
 BlockSink = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
@@ -135,7 +135,8 @@ class SegmentationStitcher:
     Feed every tile of the grid exactly once, in any order, with :meth:`add` (its prediction) or :meth:`skip` (no
     prediction: its area gets weight 0). Then :meth:`finish` checks nothing is missing. The sink gets every cell
     once, when it is final (see the module docstring and :data:`BlockSink`): one call per cell, not merged, in the
-    order (row, column) of the cells that the current ``add`` / ``skip`` completes.
+    order (row, column) of the cells that the current ``add`` / ``skip`` completes. The cell's tensors are reused
+    once the sink returns: a sink copies what it keeps.
 
     Example::
 
@@ -181,6 +182,8 @@ class SegmentationStitcher:
         self._cells: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._windows: dict[int, tuple[np.ndarray, torch.Tensor]] = {}  # id(host window) -> (it, its device copy)
         self._buffer: torch.Tensor | None = None
+        self._free: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}  # see _recycle
+        self._pooled = 0  # pixels of the cells in _free
         self._held = 0
         self._max_held = 0
 
@@ -245,13 +248,18 @@ class SegmentationStitcher:
         rc, cc = self._row_cuts, self._col_cuts
         for i, j in self._cells_of(tile):
             a, b, p, q = rc[i] - y0, rc[i + 1] - y0, cc[j] - x0, cc[j + 1] - x0
-            acc, wsum = self._cell(i, j)
-            contrib = self._scratch(c, b - a, q - p)
+            cell = self._cells.get((i, j))
+            # The first contribution is the sum so far (0 + x is x, but for -0: +0, which no output tells apart).
+            acc, wsum = cell if cell is not None else self._new_cell(i, j)
+            contrib = acc if cell is None else self._scratch(c, b - a, q - p)
             torch.mul(ls[:, a:b, p:q], ws[a:b, p:q], out=contrib)
             if drop is not None:
                 contrib.masked_fill_(drop[a:b, p:q], 0.0)  # NaN / garbage under weight 0 (padding) must not leak
-            acc.add_(contrib)
-            wsum.add_(ws[a:b, p:q])
+            if cell is None:
+                wsum.copy_(ws[a:b, p:q])
+            else:
+                acc.add_(contrib)
+                wsum.add_(ws[a:b, p:q])
             self._contributed(i, j)
 
     def _scratch(self, c: int, h: int, w: int) -> torch.Tensor:
@@ -300,18 +308,31 @@ class SegmentationStitcher:
         """The cells ``(i, j)`` ``tile`` covers, row by row."""
         return itertools.product(range(*self._row_cells[tile.row]), range(*self._col_cells[tile.col]))
 
-    def _cell(self, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cell ``(i, j)``'s accumulators, allocated at its first contribution."""
-        cell = self._cells.get((i, j))
-        if cell is None:
-            h, w = self._row_cuts[i + 1] - self._row_cuts[i], self._col_cuts[j + 1] - self._col_cuts[j]
-            cell = self._cells[i, j] = (
-                torch.zeros((self.num_classes, h, w), dtype=torch.float32, device=self.device),
-                torch.zeros((h, w), dtype=torch.float32, device=self.device),
+    def _new_cell(self, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cell ``(i, j)``'s accumulators at its first contribution, uninitialised: a final cell's, once the sink is
+        done with them, or new."""
+        h, w = self._row_cuts[i + 1] - self._row_cuts[i], self._col_cuts[j + 1] - self._col_cuts[j]
+        free = self._free.get((h, w))
+        if free:
+            cell = free.pop()
+            self._pooled -= h * w
+        else:
+            cell = (
+                torch.empty((self.num_classes, h, w), dtype=torch.float32, device=self.device),
+                torch.empty((h, w), dtype=torch.float32, device=self.device),
             )
-            self._held += h * w
-            self._max_held = max(self._max_held, self._held)
+        self._cells[i, j] = cell
+        self._held += h * w
+        self._max_held = max(self._max_held, self._held)
         return cell
+
+    def _recycle(self, cell: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Keep a final cell's accumulators for a later cell of the same size, up to a tile's pixels in all (on the
+        CPU each new one costs its page faults; on CUDA the sink's work on them is queued before any reuse)."""
+        h, w = cell[1].shape
+        if self._pooled + h * w <= self.grid.tile**2:
+            self._free.setdefault((h, w), []).append(cell)
+            self._pooled += h * w
 
     def _contributed(self, i: int, j: int) -> None:
         """One more contributor of cell ``(i, j)`` is in: emit the cell if it was the last."""
@@ -333,6 +354,8 @@ class SegmentationStitcher:
         while self._rows_sent < len(self._unsent) and self._unsent[self._rows_sent] == 0:
             self._rows_sent += 1
         self.sink(y0, x0, logits, valid)
+        if cell is not None:
+            self._recycle(cell)
 
 
 def class_map(
@@ -382,6 +405,23 @@ def probabilities(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return p.masked_fill_(~valid, float("nan"))
 
 
+# Probabilities as written: float32 (NaN where no tile had weight), or uint8 ``round(p * 254)`` with 255 as nodata (a
+# GeoTIFF band scale of 1 / 254 gives GDAL readers the probability back; a quarter of float32's bytes). Not float16:
+# GDAL before 3.11 has no such type.
+PROBABILITY_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
+UINT8_PROBABILITY_SCALE = 254
+UINT8_PROBABILITY_NODATA = 255
+
+
+def stored_probabilities(p: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``p`` (from :func:`probabilities`, classes on the last or first axis; ``valid`` broadcast against it) in
+    the stored ``dtype``, on its device (see :data:`PROBABILITY_DTYPES`)."""
+    if dtype == torch.uint8:
+        scaled = (p * UINT8_PROBABILITY_SCALE).round_()
+        return scaled.masked_fill_(~valid, UINT8_PROBABILITY_NODATA).to(torch.uint8)
+    return p.to(dtype)
+
+
 @dataclass(eq=False)
 class ReducedCell:
     """A final cell reduced on the device (:func:`reduce_cell`), on its way to the host."""
@@ -395,7 +435,7 @@ class ReducedCell:
     _copied: torch.cuda.Event | None
 
     def result(self) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """``(h x w class indices, h x w x C float32 probabilities)`` on the host (None for what was not asked),
+        """``(h x w class indices, h x w x C probabilities)`` on the host (None for what was not asked),
         once the copies are done (this waits for them, and so for the device's work up to the cell's reduction).
 
         Raises:
@@ -422,16 +462,20 @@ def reduce_cell(
     probs: bool = False,
     nodata: int = 255,
     dtype: torch.dtype = torch.uint8,
+    probs_dtype: torch.dtype = torch.float32,
 ) -> ReducedCell:
     """A stitcher's final cell (see :data:`BlockSink`) reduced on its device to what is written: ``h x w`` class
-    indices (:func:`class_map`) and, with ``probs``, ``h x w x C`` float32 probabilities (:func:`probabilities`),
-    then copied to the host, without waiting on CUDA (into pinned memory; :meth:`ReducedCell.result` waits).
+    indices (:func:`class_map`) and, with ``probs``, ``h x w x C`` probabilities (:func:`probabilities`) in
+    ``probs_dtype`` (:func:`stored_probabilities`), then copied to the host, without waiting on CUDA
+    (:meth:`ReducedCell.result` waits).
 
     With the reduction goes one flag: whether the logits are finite (their sum is; 0 where no tile had weight), so
     that a non-finite logit where a tile is valid stops the run when the cell is final, not with a wait per tile."""
     finite = torch.isfinite(logits.sum())
     cmap = class_map(logits, valid, nodata, dtype) if classes else None
-    p = probabilities(logits, valid).permute(1, 2, 0) if probs else None
+    p = None
+    if probs:
+        p = stored_probabilities(probabilities(logits, valid).permute(1, 2, 0), valid[..., None], probs_dtype)
     out = [cmap, p, finite]
     copied = None
     if logits.device.type == "cuda":

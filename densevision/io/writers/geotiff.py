@@ -107,6 +107,7 @@ class GeoTiffWriter(AtomicWriter):
         band_descriptions: Sequence[str] | None = None,
         class_names: Mapping[int, str] | Sequence[str] | None = None,
         tags: Mapping[str, str] | None = None,
+        scale: float | None = None,
         block_size: int = 512,
         compression_level: int = 6,
         cog: bool = False,
@@ -119,6 +120,7 @@ class GeoTiffWriter(AtomicWriter):
             band_descriptions: one name per band (e.g. class names of a probability stack).
             class_names: ``{index: name}`` or a list; stored as the JSON dataset tag ``CLASS_NAMES``.
             tags: extra dataset metadata (``key=value`` strings).
+            scale: every band's GDAL scale (stored values times ``scale`` are the real ones), or None.
             block_size: tile edge in pixels, a multiple of 16.
         """
         self.width, self.height, self.count = int(width), int(height), int(count)
@@ -156,6 +158,8 @@ class GeoTiffWriter(AtomicWriter):
             "zlevel": 1 if cog else compression_level,
             "predictor": 3 if np.issubdtype(self.dtype, np.floating) else 2,
             "bigtiff": "IF_SAFER",
+            # Tiles are compressed on GDAL's threads (4096^2 x 5 float32, level 6: 4.9 s against 9.0 s on 2 cores).
+            "num_threads": "ALL_CPUS",
         }
         if crs is not None:
             profile["crs"] = crs
@@ -177,6 +181,8 @@ class GeoTiffWriter(AtomicWriter):
                 self._ds.write_colormap(1, {int(k): tuple(int(c) for c in v) for k, v in colormap.items()})
             for i, desc in enumerate(band_descriptions or (), start=1):
                 self._ds.set_band_description(i, desc)
+            if scale is not None:
+                self._ds.scales = (scale,) * self.count
             meta = dict(tags or {})
             if class_names is not None:
                 names = class_names if isinstance(class_names, Mapping) else dict(enumerate(class_names))
@@ -228,6 +234,7 @@ class GeoTiffWriter(AtomicWriter):
                 PREDICTOR="YES",
                 RESAMPLING=self.overview_resampling.upper(),
                 BIGTIFF="IF_SAFER",
+                NUM_THREADS="ALL_CPUS",
             )
         except (RasterioError, CPLE_BaseError) as e:
             if disk_is_full(e, self._cog_partial):
