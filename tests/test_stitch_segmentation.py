@@ -690,3 +690,33 @@ def test_a_zero_weight_product_of_plus_zero_changes_no_sum():
         b.add_(torch.where(row == 0, 0.0, row))  # the zeros as +0
     assert a.numpy().tobytes() == b.numpy().tobytes()
     assert not torch.signbit(a).any()
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "crop"])
+def test_cells_given_back_with_reuse_serve_later_cells_without_changing_a_bit(blend):
+    grid = TileGrid(203, 157, 64, 24)
+    preds = _predictions(grid, 3, seed=5)
+    runs = []
+    for give_back in (False, True):
+        cells: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+        seen: set[int] = set()
+
+        def sink(y0, x0, logits, valid, give_back=give_back, cells=cells, seen=seen):
+            cells.append((y0, x0, logits.numpy().copy(), valid.numpy().copy()))
+            seen.add(logits.data_ptr())
+            if give_back:
+                st.reuse(logits)  # noqa: B023  (the stitcher of this run)
+
+        st = SegmentationStitcher(grid, 3, blend, sink)
+        for tile, logits, valid, skipped in preds:
+            st.skip(tile) if skipped else st.add(tile, torch.from_numpy(logits), valid)
+        st.finish()
+        runs.append((cells, len(seen), st._pooled))
+    (plain, fresh, _), (reused, distinct, pooled) = runs
+    assert len(plain) == len(reused)
+    for (y, x, lg, v), (y2, x2, lg2, v2) in zip(plain, reused, strict=True):
+        assert (y, x) == (y2, x2)
+        np.testing.assert_array_equal(v2, v)
+        assert lg2[:, v].tobytes() == lg[:, v].tobytes()
+    assert distinct < fresh  # memory was reused
+    assert 0 < pooled <= grid.tile**2  # at most a tile's pixels are kept

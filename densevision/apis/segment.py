@@ -52,7 +52,6 @@ from densevision.stitch.segmentation import (
     UINT8_PROBABILITY_NODATA,
     UINT8_PROBABILITY_SCALE,
     BlockAssembler,
-    ReducedCell,
     block_edges,
     reduce_cell,
     stitch_order,
@@ -297,20 +296,25 @@ class SegmentationTask(Task):
             axis_bounds(grid.ys, grid.tile, grid.height) if blend == "crop" else [(y, y + grid.tile) for y in grid.ys]
         )
         r0 = min(r for r, (_, y1) in enumerate(reach) if y1 > edges[first])
-        background = BackgroundCalls()
+        # Final cells wait for the background thread, holding their accumulators: up to two tiles' worth (a tile
+        # covers 9 cells when the overlap is below a third of it).
+        background = BackgroundCalls(depth=18)
         assembler = BlockAssembler(edges, work.col_edges, work.put, block_rows=(first, end))
 
-        def block(cell: ReducedCell) -> None:
-            """On the background thread: wait for the cell's copy to the host, regroup it into the blocks."""
+        def block(y0: int, x0: int, logits: torch.Tensor, valid: torch.Tensor) -> None:
+            """On the background thread, beside the stitching of the next tiles: a final cell reduced on the device
+            (its memory then back to the stitcher), copied to the host and regrouped into the blocks."""
+            cell = reduce_cell(y0, x0, logits, valid, probs=with_probs, nodata=NODATA, probs_dtype=probs_dtype)
+            stitcher.reuse(logits)
             cmap, probs = cell.result()
-            assembler(cell.y0, cell.x0, *((cmap, probs) if with_probs else (cmap,)))
+            assembler(y0, x0, *((cmap, probs) if with_probs else (cmap,)))
 
         def reduce(y0: int, x0: int, logits: torch.Tensor, valid: torch.Tensor) -> None:
-            """A final cell of the stitcher: reduced on the device, its copy to the host started, handed on."""
+            """A final cell of the stitcher, handed to the background thread."""
             if y0 >= edges[end] or y0 + valid.shape[0] <= edges[first]:
+                stitcher.reuse(logits)
                 return  # a block row this call does not commit
-            cell = reduce_cell(y0, x0, logits, valid, probs=with_probs, nodata=NODATA, probs_dtype=probs_dtype)
-            background.submit(block, cell)
+            background.submit(block, y0, x0, logits, valid)
 
         # The accumulators live where the logits are computed: only reduced cells come back to the host.
         stitcher = SegmentationStitcher(grid, predictor.num_classes, blend, reduce, device=predictor.device)

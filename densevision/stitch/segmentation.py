@@ -39,6 +39,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -53,8 +54,8 @@ from densevision.tiling.grid import Tile, TileGrid, axis_bounds
 # sink(y0, x0, logits, valid): one final cell, rows [y0, y0 + h) x columns [x0, x0 + w), as tensors on the
 # stitcher's device. logits: C x h x w float32, the blended logits, 0 where no tile had weight (non-finite where a
 # tile had weight only if its logits were: reduce_cell's result raises then); valid: h x w bool, False there. Every
-# pixel of the image is in exactly one call; the stitcher reuses the tensors' memory once the sink returns (a sink
-# copies what it keeps; the logits of a cell no tile reached are a read-only broadcast of one zero).
+# pixel of the image is in exactly one call; the sink owns the tensors (the logits of a cell no tile reached are a
+# read-only broadcast of one zero) and may give the logits' memory back with SegmentationStitcher.reuse.
 BlockSink = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
@@ -135,8 +136,8 @@ class SegmentationStitcher:
     Feed every tile of the grid exactly once, in any order, with :meth:`add` (its prediction) or :meth:`skip` (no
     prediction: its area gets weight 0). Then :meth:`finish` checks nothing is missing. The sink gets every cell
     once, when it is final (see the module docstring and :data:`BlockSink`): one call per cell, not merged, in the
-    order (row, column) of the cells that the current ``add`` / ``skip`` completes. The cell's tensors are reused
-    once the sink returns: a sink copies what it keeps.
+    order (row, column) of the cells that the current ``add`` / ``skip`` completes. The sink owns the cell's tensors;
+    :meth:`reuse` hands their memory back.
 
     Example::
 
@@ -182,8 +183,12 @@ class SegmentationStitcher:
         self._cells: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._windows: dict[int, tuple[np.ndarray, torch.Tensor]] = {}  # id(host window) -> (it, its device copy)
         self._buffer: torch.Tensor | None = None
-        self._free: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}  # see _recycle
-        self._pooled = 0  # pixels of the cells in _free
+        # Memory for later cells of the same size: final cells' logits handed back by the sink (reuse), their
+        # weight sums at once.
+        self._free: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._free_sums: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._pooled = 0  # pixels of the logits in _free
+        self._pool_lock = threading.Lock()  # reuse may be called from the sink's threads
         self._held = 0
         self._max_held = 0
 
@@ -312,27 +317,30 @@ class SegmentationStitcher:
         """Cell ``(i, j)``'s accumulators at its first contribution, uninitialised: a final cell's, once the sink is
         done with them, or new."""
         h, w = self._row_cuts[i + 1] - self._row_cuts[i], self._col_cuts[j + 1] - self._col_cuts[j]
-        free = self._free.get((h, w))
-        if free:
-            cell = free.pop()
-            self._pooled -= h * w
-        else:
-            cell = (
-                torch.empty((self.num_classes, h, w), dtype=torch.float32, device=self.device),
-                torch.empty((h, w), dtype=torch.float32, device=self.device),
-            )
-        self._cells[i, j] = cell
+        with self._pool_lock:
+            free = self._free.get((h, w))
+            acc = free.pop() if free else None
+            self._pooled -= h * w if acc is not None else 0
+        sums = self._free_sums.get((h, w))
+        cell = self._cells[i, j] = (
+            acc if acc is not None else torch.empty((self.num_classes, h, w), dtype=torch.float32, device=self.device),
+            sums.pop() if sums else torch.empty((h, w), dtype=torch.float32, device=self.device),
+        )
         self._held += h * w
         self._max_held = max(self._max_held, self._held)
         return cell
 
-    def _recycle(self, cell: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Keep a final cell's accumulators for a later cell of the same size, up to a tile's pixels in all (on the
-        CPU each new one costs its page faults; on CUDA the sink's work on them is queued before any reuse)."""
-        h, w = cell[1].shape
-        if self._pooled + h * w <= self.grid.tile**2:
-            self._free.setdefault((h, w), []).append(cell)
-            self._pooled += h * w
+    def reuse(self, logits: torch.Tensor) -> None:
+        """The sink is done with a final cell's ``logits`` (its reduction at least queued on their device): their
+        memory may serve a later cell of the same size (on the CPU each new cell costs its page faults). Up to a
+        tile's pixels are kept; any thread may call this (a sink that never does gets new tensors for every cell)."""
+        c, h, w = logits.shape
+        if not (c == self.num_classes and logits.is_contiguous() and logits.device == self.device):
+            return  # not a cell's own logits (e.g. the broadcast zero of a cell no tile reached)
+        with self._pool_lock:
+            if self._pooled + h * w <= self.grid.tile**2:
+                self._free.setdefault((h, w), []).append(logits)
+                self._pooled += h * w
 
     def _contributed(self, i: int, j: int) -> None:
         """One more contributor of cell ``(i, j)`` is in: emit the cell if it was the last."""
@@ -350,12 +358,11 @@ class SegmentationStitcher:
             logits, wsum = cell
             valid = wsum > 0
             logits.div_(torch.where(valid, wsum, 1.0))  # where no tile had weight the sums are +0: 0 / 1
+            self._free_sums.setdefault((h, w), []).append(wsum)  # on CUDA: reused after this, in stream order
         self._unsent[i] -= 1
         while self._rows_sent < len(self._unsent) and self._unsent[self._rows_sent] == 0:
             self._rows_sent += 1
         self.sink(y0, x0, logits, valid)
-        if cell is not None:
-            self._recycle(cell)
 
 
 def class_map(
