@@ -37,8 +37,8 @@ SCRIPT = textwrap.dedent(
             return self.net(x / 255.0)
 
     result = segment_image(sys.argv[1], out=sys.argv[2], predictor=Slow(), tile=64, overlap=16, batch_size=3,
-                           blend="gaussian", probability_output=True, workers=0, progress=False,
-                           resume=sys.argv[4] == "1")
+                           blend="gaussian", probability_output=True, workers=int(sys.argv[5]),
+                           probability_dtype=sys.argv[6], progress=False, resume=sys.argv[4] == "1")
     print("tiles predicted:", result["timings"].get("tiles", 0))
     """
 )
@@ -56,20 +56,27 @@ def scene(tmp_path):
     return path, script
 
 
-def _run(script, src, out, delay, resume):
-    return subprocess.Popen([sys.executable, str(script), str(src), str(out), str(delay), "1" if resume else "0"])
+def _command(script, src, out, delay, resume, workers=0, probability_dtype="float32"):
+    args = (src, out, delay, "1" if resume else "0", workers, probability_dtype)
+    return [sys.executable, str(script), *map(str, args)]
 
 
-def test_sigkill_then_resume_gives_the_same_bytes(scene, tmp_path):
+def _run(*args, **kwargs):
+    return subprocess.Popen(_command(*args, **kwargs))
+
+
+@pytest.mark.parametrize(("workers", "probability_dtype"), [(0, "float32"), (2, "uint8")])
+def test_sigkill_then_resume_gives_the_same_bytes(scene, tmp_path, workers, probability_dtype):
     src, script = scene
     reference = tmp_path / "ref" / "seg.tif"
     reference.parent.mkdir()
-    assert _run(script, src, reference, 0, False).wait(timeout=300) == 0
+    settings = dict(workers=workers, probability_dtype=probability_dtype)
+    assert _run(script, src, reference, 0, False, **settings).wait(timeout=300) == 0
 
     out = tmp_path / "run" / "seg.tif"
     out.parent.mkdir()
     work = out.with_name("seg.tif.partial.d")
-    proc = _run(script, src, out, 0.15, False)
+    proc = _run(script, src, out, 0.15, False, **settings)
     deadline = time.time() + 240
     while len(list(work.glob("blocks-*.npz"))) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -81,12 +88,12 @@ def test_sigkill_then_resume_gives_the_same_bytes(scene, tmp_path):
 
     # Starting again without --resume refuses rather than throwing the finished rows away.
     again = subprocess.run(
-        [sys.executable, str(script), str(src), str(out), "0", "0"], capture_output=True, text=True, timeout=300
+        _command(script, src, out, 0, False, **settings), capture_output=True, text=True, timeout=300
     )
     assert again.returncode != 0 and "ConfigError" in again.stderr and "pass --resume" in again.stderr
     assert len(list(work.glob("blocks-*.npz"))) == done
 
-    assert _run(script, src, out, 0, True).wait(timeout=300) == 0
+    assert _run(script, src, out, 0, True, **settings).wait(timeout=300) == 0
     assert not work.exists()
     for name in ("seg.tif", "seg.probs.tif"):
         assert (out.parent / name).read_bytes() == (reference.parent / name).read_bytes(), name

@@ -123,3 +123,19 @@ def test_cli_segment_bad_model_files(scene, tmp_path, extra, message):
     assert proc.returncode == 2 and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("bgr_to_rgb", [True, False])
+def test_the_one_step_input_is_the_data_preprocessors_to_the_bit(checkpoint, bgr_to_rgb):
+    from densevision.predictors.mmseg import MMSegPredictor
+
+    options = SMALL | {"model.data_preprocessor.bgr_to_rgb": bgr_to_rgb}
+    predictor = MMSegPredictor.from_config(REPO_CONFIG, checkpoint, cfg_options=options)
+    rgb = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (3, 3, 64, 96), dtype=np.uint8))
+    pre = predictor.model.data_preprocessor
+    assert pre.channel_conversion == bgr_to_rgb
+    # What mmseg's own loader gives (BGR, from cv2), through the preprocessor image by image.
+    expected = pre({"inputs": list(rgb[:, [2, 1, 0]])}, False)["inputs"]
+    for batch in (rgb, rgb.float()):
+        got = predictor.model_input(batch)
+        assert got.dtype == torch.float32 and got.numpy().tobytes() == expected.numpy().tobytes()

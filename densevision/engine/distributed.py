@@ -23,6 +23,9 @@ T = TypeVar("T")
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """``(rank, world_size)``; joins the process group that ``torchrun`` describes in the environment
     (gloo on the CPU, nccl on GPUs), or ``(0, 1)`` outside torchrun."""
+    if device.type == "cuda":
+        # The rank's own GPU is the current one: nccl, pinned memory and CUDA events use it, not GPU 0.
+        torch.cuda.set_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1

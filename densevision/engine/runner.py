@@ -109,9 +109,10 @@ class TileRunner:
 
         Tiles arrive from the reader workers in their source dtype (uint8 for slides and 8-bit rasters; see
         :class:`TileDataset`), pinned when the device is CUDA; each batch is moved to the device (non-blocking when
-        pinned) and converted to float32 there, so ``predict`` gets ``B x C x T x T`` float32 raw values as before.
-        On CUDA nothing here waits for the device: ``seconds_predicting`` is the time to queue the model's work,
-        and the consumer's first wait (a finished block's copy back) counts in ``seconds_consuming``."""
+        pinned) and converted to float32 there, so ``predict`` gets ``B x C x T x T`` float32 raw values as before,
+        under ``torch.inference_mode`` (its outputs are only read downstream). On CUDA nothing here waits for the
+        device: ``seconds_predicting`` is the time to queue the model's work, and the consumer's first wait (a
+        finished block's copy back) counts in ``seconds_consuming``."""
         bound_heap_growth()
         stats = RunStats()
         start = time.perf_counter()
@@ -126,7 +127,7 @@ class TileRunner:
                 t0 = time.perf_counter()
                 stats.seconds_waiting_for_tiles += t0 - waited
                 batch = pixels.to(self.device, non_blocking=cuda).float()  # exact for uint8
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     result = predict(batch)
                 out = result.float() if isinstance(result, torch.Tensor) else result
                 t1 = time.perf_counter()

@@ -13,10 +13,12 @@ from densevision.predictors.build import build_model
 
 
 class MMSegPredictor:
-    """Wraps an mmseg ``EncoderDecoder``: its own data preprocessor normalises, ``encode_decode`` gives logits
-    resized to the input. mmseg models are trained on BGR images (loaded with cv2) and convert channels as their
-    ``data_preprocessor`` says; tiles arrive RGB, so three-band tiles are flipped to BGR first, as mmseg's own
-    loader would have produced them."""
+    """Wraps an mmseg ``EncoderDecoder``: ``encode_decode`` gives logits resized to the input, fed what its
+    ``data_preprocessor`` would give it. mmseg models are trained on BGR images (loaded with cv2) and convert
+    channels as their preprocessor says; tiles arrive RGB, as if flipped from BGR. The two flips fold into one
+    channel order (RGB when the preprocessor converts BGR to RGB, else BGR), applied with the conversion to float32
+    and the normalisation in one step on the whole batch on its device (:meth:`model_input`): the same values as the
+    preprocessor's image-by-image list, to the bit."""
 
     def __init__(self, model: Any) -> None:  # an mmseg EncoderDecoder
         self.model = model.eval()
@@ -33,6 +35,10 @@ class MMSegPredictor:
         self.size_divisor = int(getattr(model.data_preprocessor, "size_divisor", None) or 32)
         self.device = next(model.parameters()).device
         self.in_channels = input_channels(model)  # checked against the bands fed
+        pre = model.data_preprocessor
+        self._order = [2, 1, 0] if self.in_channels == 3 and not pre.channel_conversion else None
+        # Test-time padding to a fixed size (the tiles are multiples of size_divisor already) is the preprocessor's.
+        self._own_step = not (pre.test_cfg or {}).get("size")
 
     @classmethod
     def from_config(
@@ -48,13 +54,19 @@ class MMSegPredictor:
         model = build_model(config, checkpoint, scope="mmseg", cfg_options=cfg_options)
         return cls(model.to(device))
 
-    @torch.no_grad()
+    def model_input(self, batch: torch.Tensor) -> torch.Tensor:
+        """``B x C x H x W`` RGB raw pixels (uint8 or float32) as the model's float32 input, on their device."""
+        pre = self.model.data_preprocessor
+        if not self._own_step:
+            inputs = batch[:, [2, 1, 0]] if batch.shape[1] == 3 else batch
+            return pre({"inputs": list(inputs.float())}, False)["inputs"]
+        x = (batch[:, self._order] if self._order and batch.shape[1] == 3 else batch).float()
+        return (x - pre.mean) / pre.std if pre._enable_normalize else x
+
+    @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """``B x C x H x W`` raw pixels, uint8 or float32 (the same values give the same logits: the preprocessor
-        converts to float32 first, exactly for uint8) -> ``B x K x H x W`` float32 logits."""
-        inputs = batch[:, [2, 1, 0]] if batch.shape[1] == 3 else batch
-        inputs = inputs if inputs.is_floating_point() else inputs.float()
-        data = self.model.data_preprocessor({"inputs": list(inputs)}, False)
+        """``B x C x H x W`` raw pixels, uint8 or float32 (the same values give the same logits: converted to float32
+        first, exactly for uint8) -> ``B x K x H x W`` float32 logits."""
         h, w = batch.shape[-2:]
         metas = [{"img_shape": (h, w), "ori_shape": (h, w), "pad_shape": (h, w)} for _ in range(len(batch))]
-        return self.model.encode_decode(data["inputs"], metas).float()
+        return self.model.encode_decode(self.model_input(batch), metas).float()
