@@ -418,7 +418,7 @@ class DetectionTask(Task):
         merge_seconds = time.perf_counter() - merge_started - sam_seconds
         preview_path = job.beside(".preview.png")
         with replacing(preview_path) as tmp:
-            preview.save(tmp, format="PNG")
+            preview.save(tmp, format="PNG", compress_level=1)  # level 6: 2 % smaller, 1.6x the time
         area = area_per_pixel(src, 1.0)
         coordinates = (
             "level-0 pixels (QuPath)" if transform is None
