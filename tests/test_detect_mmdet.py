@@ -276,3 +276,46 @@ def test_without_a_checkpoint_the_weights_are_the_configs_initialisation():
         assert torch.isfinite(v.float()).all(), k
         torch.testing.assert_close(states[1][k], v, msg=k)
     assert states[0]["level_embed"].std() > 0.5  # normal_() in init_weights; otherwise whatever memory held
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_one_packed_copy_per_batch_gives_each_tiles_detections(device, with_masks):
+    """The batch's detections packed on the device and copied once give, tile by tile, what copying each tile's
+    tensors on its own gives (the extraction the predictor did before): same values, dtypes and shapes, also for
+    tiles left without detections by the threshold."""
+    from mmengine.structures import InstanceData
+
+    from densevision.predictors.mmdet import host_detections
+
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for n in (5, 0, 3, 4):  # the second tile has none, the fourth none above the threshold
+        p = InstanceData()
+        xy = torch.rand(n, 2, generator=g) * 200
+        p.bboxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 50], 1).to(device)
+        p.scores = (torch.rand(n, generator=g) * (0.25 if n == 4 else 1)).to(device)
+        p.labels = torch.randint(0, 80, (n,), generator=g).to(device)
+        if with_masks:
+            p.masks = (torch.rand(n, 64, 48, generator=g) > 0.5).to(device)
+        batch.append(p)
+    kept = [p[p.scores >= 0.3] for p in batch]
+    got = host_detections(kept, with_masks=with_masks)
+    assert [len(d) for d in got] == [len(p) for p in kept] and len(got[1]) == len(got[3]) == 0 < len(got[0])
+    for d, p in zip(got, kept, strict=True):
+        want = {
+            "boxes": p.bboxes.double().cpu().numpy().reshape(-1, 4),
+            "scores": p.scores.double().cpu().numpy(),
+            "labels": p.labels.cpu().numpy().astype(np.int64),
+            "masks": p.masks.bool().cpu().numpy() if with_masks else None,
+        }
+        for name, w in want.items():
+            a = getattr(d, name)
+            if w is None:
+                assert a is None
+                continue
+            assert a.dtype == w.dtype and a.shape == w.shape and a.flags.c_contiguous, name
+            np.testing.assert_array_equal(a, w)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -85,17 +86,35 @@ class MMDetPredictor:
         samples = [DetDataSample(metainfo=meta) for _ in range(len(batch))]
         data = self.model.data_preprocessor({"inputs": list(inputs), "data_samples": samples}, False)
         results = self.model.predict(data["inputs"], data["data_samples"], rescale=True)
-        out = []
-        for r in results:
-            p = r.pred_instances
-            keep = p.scores >= self.score_threshold
-            masks = p.masks[keep].bool().cpu().numpy() if self.has_masks and "masks" in p else None
-            out.append(
-                TileDetections(
-                    boxes=p.bboxes[keep].double().cpu().numpy().reshape(-1, 4),
-                    scores=p.scores[keep].double().cpu().numpy(),
-                    labels=p.labels[keep].cpu().numpy().astype(np.int64),
-                    masks=masks,
-                )
-            )
-        return out
+        kept = [r.pred_instances[r.pred_instances.scores >= self.score_threshold] for r in results]
+        return host_detections(kept, with_masks=self.has_masks)
+
+
+def host_detections(instances: Sequence[Any], *, with_masks: bool) -> list[TileDetections]:
+    """Each tile's kept detections (mmengine ``InstanceData``: bboxes, scores, labels, masks) as TileDetections.
+
+    The batch is packed where it was computed, one table of boxes, score and label (float64, exact for labels) and
+    one stack of masks, and crosses to the host in those two copies and one wait instead of four copies per tile."""
+    table = torch.cat(
+        [torch.cat([p.bboxes.reshape(-1, 4).double(), p.scores[:, None].double(), p.labels[:, None].double()], 1)
+         for p in instances]
+    )  # fmt: skip
+    with_masks = with_masks and all("masks" in p for p in instances)
+    masks = torch.cat([p.masks.bool() for p in instances]) if with_masks else None
+    host = to_host([table] if masks is None else [table, masks])
+    split = np.cumsum([len(p) for p in instances])[:-1]
+    boxes, scores = np.split(np.ascontiguousarray(host[0][:, :4]), split), np.split(host[0][:, 4].copy(), split)
+    labels = np.split(host[0][:, 5].astype(np.int64), split)
+    tile_masks = np.split(host[1], split) if masks is not None else [None] * len(instances)
+    return [TileDetections(*d) for d in zip(boxes, scores, labels, tile_masks, strict=True)]
+
+
+def to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """``tensors`` as host arrays; from a GPU through pinned memory, all copies queued before the one wait."""
+    if not any(t.is_cuda for t in tensors):
+        return [t.cpu().numpy() for t in tensors]
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for h, t in zip(host, tensors, strict=True):
+        h.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return [h.numpy() for h in host]
