@@ -163,3 +163,41 @@ def test_uint8_tiles_give_the_mmseg_predictor_the_same_logits_to_the_bit():
     data = predictor.model.data_preprocessor({"inputs": list(batch[:, [2, 1, 0]])}, False)["inputs"]
     ref = predictor.model.data_preprocessor({"inputs": list(batch[:, [2, 1, 0]].float())}, False)["inputs"]
     assert torch.equal(data, ref)
+
+
+def test_background_calls_run_in_order_bounded_by_weight_and_raise_the_first_error():
+    import threading
+
+    from densevision.engine.runner import BackgroundCalls
+
+    release = threading.Event()
+    done: list[int] = []
+    most = [0]
+    calls = BackgroundCalls(depth=10)
+
+    def work(i: int) -> None:
+        release.wait(5)
+        most[0] = max(most[0], calls._queued)
+        done.append(i)
+
+    calls.submit(work, 0, weight=25)  # heavier than the depth: admitted to the empty queue
+    blocked = threading.Thread(target=calls.submit, args=(work, 1), kwargs={"weight": 4})
+    blocked.start()
+    blocked.join(0.2)
+    assert blocked.is_alive()  # waits while the queue weighs 25
+    release.set()
+    blocked.join(5)
+    for i in range(2, 12):
+        calls.submit(work, i, weight=4)
+    calls.close()
+    assert done == list(range(12)) and most[0] <= 25
+
+    failing = BackgroundCalls()
+
+    def fail(message: str) -> None:
+        raise ValueError(message)
+
+    with pytest.raises(ValueError, match="first"):  # by the second submit or by close: the first error
+        failing.submit(fail, "first")
+        failing.submit(fail, "second")  # not run: the first error stops the rest
+        failing.close()

@@ -296,9 +296,8 @@ class SegmentationTask(Task):
             axis_bounds(grid.ys, grid.tile, grid.height) if blend == "crop" else [(y, y + grid.tile) for y in grid.ys]
         )
         r0 = min(r for r, (_, y1) in enumerate(reach) if y1 > edges[first])
-        # Final cells wait for the background thread, holding their accumulators: up to two tiles' worth (a tile
-        # covers 9 cells when the overlap is below a third of it).
-        background = BackgroundCalls(depth=18)
+        # Final cells wait for the background thread holding their accumulators: a tile's pixels at most.
+        background = BackgroundCalls(depth=grid.tile**2)
         assembler = BlockAssembler(edges, work.col_edges, work.put, block_rows=(first, end))
 
         def block(y0: int, x0: int, logits: torch.Tensor, valid: torch.Tensor) -> None:
@@ -314,7 +313,7 @@ class SegmentationTask(Task):
             if y0 >= edges[end] or y0 + valid.shape[0] <= edges[first]:
                 stitcher.reuse(logits)
                 return  # a block row this call does not commit
-            background.submit(block, y0, x0, logits, valid)
+            background.submit(block, y0, x0, logits, valid, weight=valid.numel())
 
         # The accumulators live where the logits are computed: only reduced cells come back to the host.
         stitcher = SegmentationStitcher(grid, predictor.num_classes, blend, reduce, device=predictor.device)

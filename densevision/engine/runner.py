@@ -64,28 +64,38 @@ class RunStats:
 
 
 class BackgroundCalls:
-    """Runs calls in order on one thread, at most ``depth`` queued; the first error is raised by ``close``
-    (or by the next ``submit``)."""
+    """Runs calls in order on one thread; the first error is raised by ``close`` (or by the next ``submit``).
+
+    ``submit`` waits while the calls queued (not yet finished) weigh ``depth`` or more in all (each its ``weight``,
+    e.g. the pixels it holds); a call is always admitted to an empty queue."""
 
     def __init__(self, depth: int = 2) -> None:
-        self._queue: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], int] | None] = queue.SimpleQueue()
+        self._depth, self._queued = depth, 0
+        self._room = threading.Condition()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="densevision-writer", daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
+            fn, args, weight = item
             if self._error is None:
-                fn, args = item
                 try:
                     fn(*args)
                 except BaseException as e:
                     self._error = e
+            with self._room:
+                self._queued -= weight
+                self._room.notify()
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+    def submit(self, fn: Callable[..., Any], *args: Any, weight: int = 1) -> None:
+        with self._room:
+            self._room.wait_for(lambda: self._queued == 0 or self._queued + weight <= self._depth)
+            self._queued += weight
         if self._error is not None:
             raise self._error
-        self._queue.put((fn, args))
+        self._queue.put((fn, args, weight))
 
     def close(self) -> None:
         self._queue.put(None)
