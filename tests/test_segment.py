@@ -265,3 +265,16 @@ def test_gdal_block_cache_is_capped_for_the_run_unless_the_environment_sets_it(e
     )  # fmt: skip
     assert seen and set(seen) == {GDAL_CACHE_MB if environment is None else before}
     assert get_gdal_config("GDAL_CACHEMAX") == before
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_eager_results(geotiff, tmp_path):
+    path, _, _ = geotiff
+    kw = dict(tile=64, overlap=16, batch_size=3, workers=0, probability_output=True, skip_empty=False, progress=False)
+    eager = segment_image(path, out=tmp_path / "eager.tif", predictor=ConvPredictor(), **kw)
+    compiled = segment_image(path, out=tmp_path / "compiled.tif", predictor=ConvPredictor(), compile=True, **kw)
+    assert compiled["settings"]["compile"] and compiled["request"]["compile"] and "compile" not in eager["request"]
+    with rasterio.open(eager["probabilities"]) as a, rasterio.open(compiled["probabilities"]) as b:
+        assert np.abs(a.read() - b.read()).max() <= 1e-5
+    with rasterio.open(tmp_path / "eager.tif") as a, rasterio.open(tmp_path / "compiled.tif") as b:
+        assert (a.read() == b.read()).mean() >= 0.9999

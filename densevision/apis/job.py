@@ -196,7 +196,7 @@ def request_fingerprint(
         "checkpoint": _file_stamp(model.checkpoint), "cfg_options": model.cfg_options,
         "tiling": dataclasses.asdict(tiling),
         "reading": {k: v for k, v in dataclasses.asdict(reading).items() if k != "workers"},
-        "amp": compute.amp, "settings": dataclasses.asdict(settings),
+        "amp": compute.amp, **({"compile": True} if compute.compile else {}), "settings": dataclasses.asdict(settings),
     }  # fmt: skip
     return json.loads(json.dumps(request, default=str))  # as the JSON files hold it (tuples as lists, paths as text)
 
@@ -278,6 +278,7 @@ def run_job(
         share = split_contiguous(kept_per_row, world)[rank]
         runner = TileRunner(
             batch_size=tiling.batch_size, workers=reading.workers, device=device, amp=compute.amp,
+            compile=compute.compile,
             progress=compute.progress and rank == 0,
         )  # fmt: skip
         dataset = TileDataset(src.path, [], geometry, reading.open_options, value_scale)
@@ -300,6 +301,7 @@ def run_job(
         "settings": {
             "tile": tiling.tile, "overlap": tiling.overlap, "batch_size": tiling.batch_size, "level": geometry.level,
             "mpp": reading.mpp, "downsample": geometry.downsample, "device": str(device), "amp": compute.amp,
+            "compile": compute.compile,
             "workers": reading.workers, "world_size": world, "skip_empty": reading.skip_empty,
             "value_scale": {"lo": list(value_scale.lo), "hi": list(value_scale.hi)} if value_scale else None,
             **parts["settings"],

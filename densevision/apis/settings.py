@@ -107,12 +107,15 @@ class Reading:
 
 @dataclass(frozen=True)
 class Compute:
-    """Where the model runs: ``device`` (auto: the first GPU when there is one), ``amp`` (bfloat16 autocast), and
-    whether a progress bar is drawn."""
+    """Where the model runs: ``device`` (auto: the first GPU when there is one), ``amp`` (bfloat16 autocast),
+    ``compile`` (``torch.compile`` the predictor: slower to start, then fused kernels; outputs may differ from eager
+    ones in the last bits, so it is part of what a resume must find unchanged), and whether a progress bar is
+    drawn."""
 
     device: str = "auto"
     amp: bool = False
     progress: bool = True
+    compile: bool = False
 
 
 AREA_UNITS = ("px", "um2", "m2")

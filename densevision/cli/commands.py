@@ -114,7 +114,7 @@ def _job_settings(args: argparse.Namespace) -> dict[str, Any]:
             skip_empty=not args.keep_empty,
             workers=args.workers,
         ),
-        "compute": Compute(args.device, args.amp, progress=not args.quiet),
+        "compute": Compute(args.device, args.amp, progress=not args.quiet, compile=args.compile),
         "resume": args.resume,
     }
 
@@ -272,6 +272,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help=f"auto (GPU if present), cpu, cuda, cuda:1 ... (default: {Compute.device})",
     )
     p.add_argument("--amp", action="store_true", help="run the model in bfloat16 autocast (GPUs with bf16)")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the model (minutes to start, then faster on GPUs; outputs may differ in the last bits)",
+    )  # fmt: skip
 
 
 def _add_tiling_args(p: argparse.ArgumentParser, defaults: Any) -> None:

@@ -113,6 +113,7 @@ class TileRunner:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     amp: bool = False
     progress: bool = True
+    compile: bool = False  # torch.compile the predictor
 
     def run(self, dataset: TileDataset, predict: Callable[[torch.Tensor], Any], consume: BatchConsumer) -> RunStats:
         """Feed every tile of ``dataset`` to ``predict`` and its output to ``consume``, batch by batch.
@@ -124,6 +125,8 @@ class TileRunner:
         device: ``seconds_predicting`` is the time to queue the model's work, and the consumer's first wait (a
         finished block's copy back) counts in ``seconds_consuming``."""
         bound_heap_growth()
+        if self.compile:
+            predict = torch.compile(predict, dynamic=False)
         stats = RunStats()
         start = time.perf_counter()
         cuda = self.device.type == "cuda"
