@@ -171,6 +171,37 @@ def test_resume_after_a_crash_gives_the_same_file(scene, tmp_path):
     assert not work.exists()
 
 
+def test_a_row_that_cannot_be_written_stops_the_run_with_its_error(scene, tmp_path, monkeypatch):
+    """Rows are written beside the model: a failed write (here the third row's) still stops the run with its own
+    error, the rows before it committed, so that a resume starts after them and gives the uninterrupted file."""
+    from densevision.engine.workdir import RecordFolder
+    from densevision.errors import OutputError
+
+    path, _ = scene
+    options = dict(tile=TILE, overlap=OVERLAP, workers=0, batch_size=3, progress=False, masks=True)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    detect_objects(path, out=tmp_path / "a" / "o.geojson", predictor=ColourDetector(COLOURS, masks=True), **options)
+    put = RecordFolder.put
+
+    def failing_put(self, k, arrays):
+        if k == 2:
+            raise OutputError("simulated full disk")
+        put(self, k, arrays)
+
+    monkeypatch.setattr(RecordFolder, "put", failing_put)
+    out = tmp_path / "b" / "o.geojson"
+    with pytest.raises(OutputError, match="simulated full disk"):
+        detect_objects(path, out=out, predictor=ColourDetector(COLOURS, masks=True), **options)
+    assert sorted(p.name for p in (tmp_path / "b" / "o.geojson.partial.d").glob("*.npz")) == [
+        "row-000000.npz", "row-000001.npz",
+    ]  # fmt: skip
+    monkeypatch.setattr(RecordFolder, "put", put)
+    resumed = detect_objects(path, out=out, predictor=ColourDetector(COLOURS, masks=True), resume=True, **options)
+    assert resumed["resumed"]["rows_already_done"] == 2
+    assert out.read_bytes() == (tmp_path / "a" / "o.geojson").read_bytes()
+
+
 def test_slide_gives_qupath_features_in_level0_pixels(data_dir, tmp_path):
     slide = tmp_path / "slide.tiff"
     planted = make_slide(slide, 1400, 1000, plant=straddling_objects(1400, 1000, seed=1), seed=2, quality=95)

@@ -38,7 +38,7 @@ from densevision.apis.settings import (
 )
 from densevision.compat import trusted_checkpoints
 from densevision.engine.reader import ReadGeometry, TileDataset
-from densevision.engine.runner import RunStats, TileRunner, batch_aligned
+from densevision.engine.runner import BackgroundCalls, RunStats, TileRunner, batch_aligned
 from densevision.engine.workdir import RecordFolder, WorkFolder
 from densevision.errors import ConfigError
 from densevision.io import CocoResultsWriter, GeoJsonWriter, ImageSource
@@ -71,11 +71,15 @@ def _from_wkb(record: dict[str, np.ndarray]) -> list[shapely.Geometry]:
 
 
 class _RowRecorder:
-    """Collects tile detections row by row (tiles arrive in row-major order) and commits each finished row."""
+    """Collects tile detections row by row (tiles arrive in row-major order) and commits each finished row.
+
+    A row's record (mask polygons traced, compressed, written) is made on one background thread, in row order,
+    beside the model's next batches; :meth:`close` waits for the rows handed over and raises the first error."""
 
     def __init__(self, work: RecordFolder, first: int, downsample: float, with_masks: bool) -> None:
         self.work, self.next_row, self.d, self.with_masks = work, first, downsample, with_masks
         self.parts: list[tuple[int, TileDetections, int, int]] = []
+        self.writer = BackgroundCalls()
 
     def add(self, row: int, tile_index: int, dets: TileDetections, x: int, y: int) -> None:
         self.commit_until(row)
@@ -83,12 +87,15 @@ class _RowRecorder:
 
     def commit_until(self, row: int) -> None:
         while self.next_row < row:
-            self._commit(self.next_row)
+            self.writer.submit(self._commit, self.next_row, self.parts)
+            self.parts = []
             self.next_row += 1
 
-    def _commit(self, row: int) -> None:
+    def close(self) -> None:
+        self.writer.close()
+
+    def _commit(self, row: int, parts: list[tuple[int, TileDetections, int, int]]) -> None:
         d = self.d
-        parts, self.parts = self.parts, []
         n = [len(p[1]) for p in parts]
         shifts = [np.array([x, y, x, y], dtype=np.float64) for _, _, x, y in parts]
         rec: dict[str, np.ndarray] = {
@@ -357,8 +364,11 @@ class DetectionTask(Task):
                 if first <= t.row < end:  # the others were only computed to keep the batches aligned
                     recorder.add(t.row, t.index, d, t.x, t.y)
 
-        stats = runner.run(dataset, self.predictor(job.model, job.device), consume) if len(dataset) else None
-        recorder.commit_until(end)
+        try:
+            stats = runner.run(dataset, self.predictor(job.model, job.device), consume) if len(dataset) else None
+            recorder.commit_until(end)
+        finally:
+            recorder.close()  # the rows handed over are committed, also when the run fails (resume starts after)
         return stats
 
     def finish(self, job: Job, work: WorkFolder) -> dict[str, Any]:
