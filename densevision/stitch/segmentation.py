@@ -106,8 +106,9 @@ CPU_THREADS = 1
 
 @contextlib.contextmanager
 def _cpu_threads(device: torch.device) -> Iterator[None]:
-    """torch's intra-op threads at :data:`CPU_THREADS` meanwhile, on the CPU (restored after). With OpenMP the
-    setting is the calling thread's own: the model's threads elsewhere keep theirs."""
+    """torch's intra-op threads at :data:`CPU_THREADS` meanwhile, on the CPU (restored after). Only on the model's
+    thread, between its calls: the setting is not a thread's own (set on another thread, ``torch.get_num_threads``
+    here changes too)."""
     n = torch.get_num_threads()
     if device.type != "cpu" or n <= CPU_THREADS:
         yield
@@ -479,7 +480,7 @@ def reduce_cell(
 
     With the reduction goes one flag: whether the logits are finite (their sum is; 0 where no tile had weight), so
     that a non-finite logit where a tile is valid stops the run when the cell is final, not with a wait per tile."""
-    with _cpu_threads(logits.device):  # on whichever thread reduces (the setting is the thread's own)
+    with _cpu_threads(logits.device):
         finite = torch.isfinite(logits.sum())
         cmap = class_map(logits, valid, nodata, dtype) if classes else None
         p = None
