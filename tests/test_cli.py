@@ -72,6 +72,11 @@ def test_usage_error_one_line_exit_2():
     proc = run_cli("no-such-command")
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli(
+        "segment", "x.tif", "-o", "out.tif", "-c", "c.py", "--probabilities", "--probability-dtype", "float16"
+    )
+    assert proc.returncode == 2 and "--probability-dtype" in proc.stderr and "'float32', 'uint8'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
