@@ -307,9 +307,9 @@ class SegmentationTask(Task):
             assembler(cell.y0, cell.x0, *((cmap, probs) if with_probs else (cmap,)))
 
         def reduce(y0: int, x0: int, logits: torch.Tensor, valid: torch.Tensor) -> None:
-            """A final cell of the stitcher: reduced on the device (on CUDA queued there; on the CPU here, not beside
-            the model, whose threads take every core: 2.5x its time at 4096², measured), its memory back to the
-            stitcher, its copy to the host started, handed on."""
+            """A final cell of the stitcher: reduced on the device (on CUDA queued there; on the CPU here, between the
+            model's calls, not beside a model whose threads take every core), its memory back to the stitcher, its
+            copy to the host started, handed on."""
             if y0 < edges[end] and y0 + valid.shape[0] > edges[first]:  # a block row this call commits
                 cell = reduce_cell(y0, x0, logits, valid, probs=with_probs, nodata=NODATA, probs_dtype=probs_dtype)
                 background.submit(block, cell, weight=valid.numel())
