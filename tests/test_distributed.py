@@ -6,21 +6,20 @@ import json
 import subprocess
 import sys
 
-from test_resume import SCRIPT, scene  # noqa: F401  (the scene fixture and the run script are shared)
+from test_resume import _command, scene  # noqa: F401  (the scene fixture and the run script are shared)
 
 
 def test_two_ranks_equal_one_process(scene, tmp_path):  # noqa: F811
     src, script = scene
     single = tmp_path / "single" / "seg.tif"
     single.parent.mkdir()
-    cmd = [sys.executable, str(script), str(src), str(single), "0", "0"]
-    assert subprocess.run(cmd, timeout=300).returncode == 0
+    assert subprocess.run(_command(script, src, single, 0, False), timeout=300).returncode == 0
 
     multi = tmp_path / "multi" / "seg.tif"
     multi.parent.mkdir()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
-        [*torchrun, str(script), str(src), str(multi), "0", "0"], capture_output=True, text=True, timeout=600
+        [*torchrun, *_command(script, src, multi, 0, False)[1:]], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     shares = sorted(int(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("tiles predicted:"))
