@@ -21,7 +21,8 @@ the whole width, plus a few tiles: :attr:`max_held_pixels` ``<= overlap * W + 3 
 ``(C + 1) * 4`` bytes. Plain row-major order holds ``strip = max_r (ys[r] + T - ys[r + 1])`` rows instead (up to
 ``T - 1`` when the last tile row is shifted inward): ``<= strip * W + T * T``. Batches of ``b`` tiles shuffled
 within themselves add up to ``b`` tiles. The ``crop`` blend holds one owned region at most (each cell is final at
-its tile's add). Any other order is correct too but holds every cell touched and not yet final.
+its tile's add). Any other order is correct too but holds every cell touched and not yet final. Finished cells
+handed back for reuse (:meth:`SegmentationStitcher.reuse`) keep up to ``T * T`` pixels more.
 
 Per pixel, contributions are summed in float32 in the order the tiles were fed, as a whole-image accumulator would:
 ``acc.add_(logits * w)`` (a product rounded to float32, then a sum: not ``addcmul``, whose fused multiply-add rounds
