@@ -40,7 +40,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -191,7 +190,6 @@ class SegmentationStitcher:
         self._free: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._free_sums: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._pooled = 0  # pixels of the logits in _free
-        self._pool_lock = threading.Lock()  # reuse may be called from the sink's threads
         self._held = 0
         self._max_held = 0
 
@@ -320,10 +318,9 @@ class SegmentationStitcher:
         """Cell ``(i, j)``'s accumulators at its first contribution, uninitialised: a final cell's, once the sink is
         done with them, or new."""
         h, w = self._row_cuts[i + 1] - self._row_cuts[i], self._col_cuts[j + 1] - self._col_cuts[j]
-        with self._pool_lock:
-            free = self._free.get((h, w))
-            acc = free.pop() if free else None
-            self._pooled -= h * w if acc is not None else 0
+        free = self._free.get((h, w))
+        acc = free.pop() if free else None
+        self._pooled -= h * w if acc is not None else 0
         sums = self._free_sums.get((h, w))
         cell = self._cells[i, j] = (
             acc if acc is not None else torch.empty((self.num_classes, h, w), dtype=torch.float32, device=self.device),
@@ -336,14 +333,14 @@ class SegmentationStitcher:
     def reuse(self, logits: torch.Tensor) -> None:
         """The sink is done with a final cell's ``logits`` (its reduction at least queued on their device): their
         memory may serve a later cell of the same size (on the CPU each new cell costs its page faults). Up to a
-        tile's pixels are kept; any thread may call this (a sink that never does gets new tensors for every cell)."""
+        tile's pixels are kept. Call it from the stitcher's thread (a sink that never does gets new tensors for every
+        cell)."""
         c, h, w = logits.shape
         if not (c == self.num_classes and logits.is_contiguous() and logits.device == self.device):
             return  # not a cell's own logits (e.g. the broadcast zero of a cell no tile reached)
-        with self._pool_lock:
-            if self._pooled + h * w <= self.grid.tile**2:
-                self._free.setdefault((h, w), []).append(logits)
-                self._pooled += h * w
+        if self._pooled + h * w <= self.grid.tile**2:
+            self._free.setdefault((h, w), []).append(logits)
+            self._pooled += h * w
 
     def _contributed(self, i: int, j: int) -> None:
         """One more contributor of cell ``(i, j)`` is in: emit the cell if it was the last."""
