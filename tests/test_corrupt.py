@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -255,6 +256,26 @@ def test_a_damaged_tile_read_by_a_worker_process_keeps_its_one_line_message(scen
     assert message.startswith(f"{scene_with_bad_tiles['tile']}: cannot read the window at (560, 0) (level 0")
     assert "\n" not in message and "DataLoader" not in message
     assert not out.exists()
+
+
+def test_a_damaged_tile_fails_in_every_loader_of_a_dataset_whose_workers_share_the_checks(scene_with_bad_tiles):
+    # Workers share which tiles checked out; a tile that failed is not among them, so the next block's loader (new
+    # workers) and the process that made the dataset refuse it again, with the same one-line message.
+    from densevision.engine import TileDataset, read_geometry, tile_loader
+    from densevision.tiling import TileGrid
+
+    path = scene_with_bad_tiles["tile"]
+    with open_image(path) as src:
+        grid, geometry = TileGrid(*src.size, 128, overlap=16), read_geometry(src)
+    dataset = TileDataset(path, list(grid), geometry)
+    window = r"the window at \(560, 0\) \(level 0.*column 5, row 0 .* re-export or re-copy it$"
+    says = rf"^{re.escape(str(path))}: cannot read {window}"
+    for _ in range(2):
+        with pytest.raises(CorruptImageError, match=says):
+            for _ in tile_loader(dataset, batch_size=1, workers=2):
+                pass
+    with pytest.raises(CorruptImageError, match=says):
+        dataset[next(t.index for t in grid if (t.x, t.y) == (560, 0))]
 
 
 def assert_failed_cleanly(code: int, err: str, out: Path, image: Path, says: str) -> None:

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import fcntl
+import pickle
+import zlib
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from densevision import open_image
 from densevision.engine import TileDataset, read_geometry, tile_loader
 from densevision.errors import ConfigError, MissingResolutionError
+from densevision.io import decode
 from densevision.io.scaling import ValueScale
+from densevision.synthetic.damage import tiff_tiles
+from densevision.synthetic.rasters import make_geotiff
 from densevision.tiling import TileGrid
 
 
@@ -30,6 +42,79 @@ def test_workers_read_the_same_tiles(data_dir, workers):
             np.testing.assert_array_equal(v.numpy(), expected[i].valid)
             seen.append(i)
     assert seen == [t.index for t in grid]  # in order, each once
+
+
+def log_inflates(monkeypatch, log: Path) -> None:
+    """Make every checksum inflate append the CRC-32 of the tile's bytes to ``log``, from whichever process inflates
+    (the patches cross the workers' fork; each line is one small append). Checks run one at a time across the
+    processes, so that two workers never race to check one tile (harmless, but both would inflate it)."""
+
+    def inflate(raw: bytes) -> bytes:
+        with open(log, "a") as f:
+            f.write(f"{zlib.crc32(raw)}\n")
+        return zlib.decompress(raw)
+
+    verify = decode.DeflateChecksums.verify
+
+    def one_at_a_time(self: decode.DeflateChecksums, *args: Any) -> None:
+        with open(log.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            verify(self, *args)
+
+    monkeypatch.setattr(decode, "zlib", SimpleNamespace(decompress=inflate, error=zlib.error))
+    monkeypatch.setattr(decode.DeflateChecksums, "verify", one_at_a_time)
+
+
+def inflates(log: Path) -> Counter[int]:
+    return Counter(int(line) for line in log.read_text().split()) if log.exists() else Counter()
+
+
+@pytest.fixture(scope="module")
+def deflate_scene(tmp_path_factory) -> tuple[Path, Counter[int]]:
+    """A 600 x 500 deflate GeoTIFF in 128-px tiles (partial edge tiles), and the CRC-32s of its level-0 tiles."""
+    path = tmp_path_factory.mktemp("deflate") / "scene.tif"
+    make_geotiff(path, 600, 500, tile=128)
+    raw = path.read_bytes()
+    return path, Counter(zlib.crc32(raw[t.start : t.stop]) for t in tiff_tiles(path) if t.page == 0)
+
+
+def test_each_deflate_tile_is_verified_once_across_the_workers(deflate_scene, monkeypatch, tmp_path):
+    # One tile a batch alternates the two workers window by window, and the 16-px overlap makes neighbouring
+    # windows share TIFF tiles: per-worker flags inflate those tiles in both workers.
+    path, level0 = deflate_scene
+    with open_image(path) as src:
+        grid, geometry = TileGrid(*src.size, 128, overlap=16), read_geometry(src)
+    log = tmp_path / "inflates.log"
+    log_inflates(monkeypatch, log)
+    dataset = TileDataset(path, list(grid), geometry)
+    for _ in tile_loader(dataset, batch_size=1, workers=2):
+        pass
+    assert inflates(log) == level0
+    for _ in tile_loader(dataset, batch_size=1, workers=2):  # the next block's loader, with new workers
+        pass
+    dataset[0]  # and the process that made the dataset
+    assert inflates(log) == level0
+
+    log.unlink()  # negative control: workers forked without shared flags each verify what they read
+    for _ in DataLoader(TileDataset(path, list(grid), geometry), batch_size=1, num_workers=2):
+        pass
+    assert inflates(log).total() > level0.total() and set(inflates(log)) == set(level0)
+
+
+@pytest.mark.parametrize("open_options", [{}, {"verify_checksums": False}])
+def test_a_pickled_dataset_keeps_its_own_flags_and_reads_the_same(deflate_scene, monkeypatch, tmp_path, open_options):
+    # A spawned worker gets the dataset pickled: no shared mapping crosses, so it verifies what it reads itself.
+    path, level0 = deflate_scene
+    with open_image(path) as src:
+        grid, geometry = TileGrid(*src.size, 128, overlap=16), read_geometry(src)
+    log = tmp_path / "inflates.log"
+    log_inflates(monkeypatch, log)
+    dataset = TileDataset(path, list(grid), geometry, open_options)
+    dataset.share_checksums()
+    copy = pickle.loads(pickle.dumps(dataset))
+    for i in range(len(grid)):
+        np.testing.assert_array_equal(copy[i][1], dataset[i][1])
+    assert inflates(log) == (Counter() if open_options else level0 + level0)
 
 
 def test_scaled_pixels_cross_as_float32_with_the_scaled_values(data_dir):

@@ -1,7 +1,8 @@
 """Reading tiles in worker processes: a torch Dataset over a TileGrid whose workers each open their own handle.
 
 OpenSlide and GDAL handles must not cross processes, so a handle is opened lazily in whichever process first
-reads, and reopened if the dataset finds itself in a new process (a DataLoader worker after fork).
+reads, and reopened if the dataset finds itself in a new process (a DataLoader worker after fork). What must be
+shared crosses the fork instead: which deflate tiles were verified already (see :meth:`TileDataset.share_checksums`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from densevision.errors import ConfigError, DenseVisionError, MissingResolutionError
 from densevision.io import ImageSource, open_image
+from densevision.io.decode import DeflateChecksums
 from densevision.io.scaling import ValueScale
 from densevision.io.source import resize_region
 from densevision.tiling.grid import Tile
@@ -57,7 +59,10 @@ class TileDataset(Dataset):
     Pixels cross from the worker in the source's dtype when that is uint8 and no ``value_scale`` applies (a quarter
     of float32's bytes through the worker queue, the pinned copy and the host-to-device transfer); the engine
     converts them to float32 on the device, exactly (every uint8 is a float32). Other sources, and any
-    ``value_scale`` (which maps raw values to 0..255, see :mod:`densevision.io.scaling`), give float32 as before."""
+    ``value_scale`` (which maps raw values to 0..255, see :mod:`densevision.io.scaling`), give float32 as before.
+
+    Each deflate tile's checksum is verified once per dataset, by whichever process reads it first, when the
+    workers were forked after :meth:`share_checksums` (as :func:`tile_loader` does); otherwise once per process."""
 
     def __init__(
         self,
@@ -74,6 +79,8 @@ class TileDataset(Dataset):
         self.open_options = open_options or {}
         self._src: ImageSource | None = None
         self._pid = -1
+        self._checks: DeflateChecksums | None = None  # the verified-tile flags every process's source adopts
+        self._checks_shared = False
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -82,7 +89,25 @@ class TileDataset(Dataset):
         if self._src is None or self._pid != os.getpid():
             self._src = open_image(self.path, **self.open_options)
             self._pid = os.getpid()
+            if self._checks is not None and self._src.checksums is not None:
+                self._src.checksums.adopt(self._checks)
         return self._src
+
+    def share_checksums(self) -> None:
+        """Keep the record of verified deflate tiles in memory shared with the processes forked after this call (a
+        DataLoader's workers on Linux), so that a tile the windows of several workers touch is inflated once, not
+        once per worker. The first call opens the file once more to learn its tiles, unless this process reads it
+        already; a pickled dataset (spawn) carries a copy of the flags and then keeps its own."""
+        if self._checks_shared:
+            return
+        if self._src is not None and self._pid == os.getpid():
+            self._checks = self._src.checksums
+        else:
+            with open_image(self.path, **self.open_options) as src:
+                self._checks = src.checksums
+        if self._checks is not None:
+            self._checks.share()
+        self._checks_shared = True
 
     def read(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
         """``(pixels T x T x C, valid T x T)`` of a tile at working resolution."""
@@ -147,6 +172,8 @@ def tile_loader(
     """Batches of tiles in order, read by ``workers`` processes with at most ``prefetch`` batches queued each. A
     tile that cannot be read stops the loader with the reader's own typed error (e.g. CorruptImageError naming the
     window), also when a worker process read it."""
+    if workers > 0:
+        dataset.share_checksums()
     return _TileLoader(
         dataset,
         batch_size=batch_size,

@@ -20,6 +20,7 @@ the tile is full, before the stream's Adler-32 is reached. Those tiles decode to
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import struct
 import zlib
@@ -176,6 +177,16 @@ class _Directory:
         self.lengths = np.asarray(page.databytecounts, dtype=np.int64)
         self.checked = np.zeros(len(self.offsets), dtype=bool)
 
+    def share(self) -> None:
+        """Move ``checked`` into an anonymous shared mapping: processes forked after this read and set these flags."""
+        n = len(self.checked)
+        flags = np.frombuffer(mmap.mmap(-1, max(n, 1)), dtype=bool, count=n)  # a mapping cannot be empty
+        flags[:] = self.checked
+        self.checked = flags
+
+    def same_tiles(self, other: _Directory) -> bool:
+        return np.array_equal(self.offsets, other.offsets) and np.array_equal(self.lengths, other.lengths)
+
     def touched(self, x: int, y: int, w: int, h: int) -> list[int]:
         """Indexes of the tiles (every plane's) that the window ``(x, y, w, h)`` of this directory touches."""
         x0, y0 = max(x, 0), max(y, 0)
@@ -199,7 +210,11 @@ class DeflateChecksums:
     generated GeoTIFF, 67 of 80 in a deflate TIFF read through OpenSlide). :meth:`verify` inflates the raw bytes of
     the tiles a read touched (each tile once per source: about one more inflate of the data read) and raises
     CorruptImageError for a tile whose stream does not check out. Levels are matched to the TIFF's directories by
-    their pixel size; directories that are not deflate-compressed are not checked (JPEG has no checksum)."""
+    their pixel size; directories that are not deflate-compressed are not checked (JPEG has no checksum).
+
+    Processes reading one file can share which tiles were checked (:meth:`share` before forking, :meth:`adopt` in
+    each process's own source), so that each tile is inflated once in all, not once per process. Two processes
+    checking the same tile at once both inflate it, harmlessly; a tile is marked only once it checked out."""
 
     def __init__(self, path: Path, directories: dict[tuple[int, int], _Directory]) -> None:
         self.path, self.directories = path, directories
@@ -217,6 +232,20 @@ class DeflateChecksums:
                 with contextlib.suppress(*DECODE_ERRORS, TypeError):  # tags of a damaged directory: not checked
                     dirs.setdefault((int(page.imagewidth), int(page.imagelength)), _Directory(page))
         return cls(path, dirs) if dirs else None
+
+    def share(self) -> None:
+        """Keep the checked flags in memory shared with the processes forked after this call. A pickled copy (a
+        spawned process's) carries the flags as they were, then its own."""
+        for d in self.directories.values():
+            d.share()
+
+    def adopt(self, shared: DeflateChecksums) -> None:
+        """Use ``shared``'s checked flags (see :meth:`share`) for every directory whose tiles lie at the same
+        offsets with the same byte counts: the same file, even if opened by another process."""
+        for key, d in self.directories.items():
+            theirs = shared.directories.get(key)
+            if theirs is not None and d.same_tiles(theirs):
+                d.checked = theirs.checked
 
     def verify(self, dimensions: tuple[int, int], window: tuple[int, int, int, int], where: str) -> None:
         """Check the tiles that ``window`` ``(x, y, w, h)`` of the level of ``dimensions`` touches."""
