@@ -61,6 +61,20 @@ def _command(script, src, out, delay, resume, workers=0, probability_dtype="floa
     return [sys.executable, str(script), *map(str, args)]
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie that nobody reaps is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _run(*args, **kwargs):
     return subprocess.Popen(_command(*args, **kwargs))
 
@@ -80,8 +94,14 @@ def test_sigkill_then_resume_gives_the_same_bytes(scene, tmp_path, workers, prob
     deadline = time.time() + 240
     while len(list(work.glob("blocks-*.npz"))) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    helpers = _children(proc.pid)  # the process writing the outputs (and the reader workers)
+    assert helpers
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
+    deadline = time.time() + 20  # the writer dies at once with its parent; reader workers notice within seconds
+    while any(map(_alive, helpers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, helpers))
     done = len(list(work.glob("blocks-*.npz")))
     assert 3 <= done < 10  # 10 block rows in all: killed half way
     assert not out.exists() and not out.with_name("seg.summary.json").exists()

@@ -371,6 +371,10 @@ class DetectionTask(Task):
             recorder.close()  # the rows handed over are committed, also when the run fails (resume starts after)
         return stats
 
+    def finishes_alongside(self, job: Job) -> bool:
+        # SAM and the overview run models in the finishing step: that stays in the process that holds the model.
+        return self.sam is None and not self.settings.overview
+
     def finish(self, job: Job, work: WorkFolder) -> dict[str, Any]:
         """Merge the committed rows into objects and write them (GeoJSON, COCO results, the preview)."""
         assert isinstance(work, RecordFolder)
@@ -425,6 +429,7 @@ class DetectionTask(Task):
                     sam_started = time.perf_counter()
                     sam_windows = _prompt_sam(src, geometry, grid, job.value_scale, objects, self.sam, outputs)
                     sam_seconds = time.perf_counter() - sam_started
+            work.wait_until_complete()  # before the writers rename their files into place
         merge_seconds = time.perf_counter() - merge_started - sam_seconds
         preview_path = job.beside(".preview.png")
         with replacing(preview_path) as tmp:

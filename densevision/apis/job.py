@@ -6,7 +6,9 @@ The flow, in one direction::
     -> tile grid, thumbnail, value scale, tiles with content -> work folder (rank 0 creates or checks it against
     the run's fingerprint, the other ranks join it) -> this rank's contiguous share of tile rows, predicted by the
     task's consumer in batches aligned to an uninterrupted run's -> rank 0: the task's finishing step, from the
-    committed rows -> the run summary (the common parts here, the task's beside them)
+    committed rows (in a process beside the prediction that follows the rows as they are committed, where the task
+    allows it: :mod:`densevision.engine.finishing`) -> the run summary (the common parts here, the task's beside
+    them)
 
 A :class:`Task` adds only what is its own: the output it writes, its model, its fingerprint entries and work folder
 layout, its consumer of predicted batches and its finishing step.
@@ -30,6 +32,7 @@ import torch
 from densevision import __version__
 from densevision.apis.settings import Compute, Model, Reading, Tiling
 from densevision.engine.distributed import init_distributed, on_every_rank, split_contiguous
+from densevision.engine.finishing import FinishingProcess, can_finish_alongside
 from densevision.engine.reader import ReadGeometry, TileDataset, read_geometry
 from densevision.engine.runner import RunStats, TileRunner, resolve_device
 from densevision.engine.workdir import WorkFolder
@@ -105,6 +108,12 @@ class Task(abc.ABC):
         self, job: Job, work: WorkFolder, rows: tuple[int, int], dataset: TileDataset, runner: TileRunner
     ) -> RunStats | None:
         """Predict tile rows ``[a, b)`` not yet committed to ``work``, committing each as it is finished."""
+
+    def finishes_alongside(self, job: Job) -> bool:
+        """Whether :meth:`finish` may run in a forked process beside the prediction (it must not run a model there:
+        no CUDA and no torch thread pool after fork). It then reads the rows as they are committed, and calls
+        ``work.wait_until_complete()`` before its outputs go into place."""
+        return False
 
     @abc.abstractmethod
     def finish(self, job: Job, work: WorkFolder) -> dict[str, Any]:
@@ -282,12 +291,20 @@ def run_job(
             progress=compute.progress and rank == 0,
         )  # fmt: skip
         dataset = TileDataset(src.path, [], geometry, reading.open_options, value_scale)
-        stats = on_every_rank(world, lambda: task.predict(job, work, share, dataset, runner))
-        if rank != 0:
-            return {"rank": rank, "rows": list(share), "timings": stats.as_dict() if stats else {}}
-        if work.done() != work.rows:
-            raise ConfigError(f"{root}: only {work.done()} of {work.rows} rows are finished; run again with --resume")
-        parts = task.finish(job, work)
+        # Rank 0 writes the outputs beside the prediction, following the committed rows (where it can: fork).
+        alongside = rank == 0 and task.finishes_alongside(job) and can_finish_alongside()
+        finishing = FinishingProcess(lambda follow: task.finish(job, work.following(follow))) if alongside else None
+        try:
+            stats = on_every_rank(world, lambda: task.predict(job, work, share, dataset, runner))
+            if rank != 0:
+                return {"rank": rank, "rows": list(share), "timings": stats.as_dict() if stats else {}}
+            work.wait_until_complete()
+            predicted = time.perf_counter()
+            parts = finishing.result() if finishing is not None else task.finish(job, work)
+            finishing_seconds = time.perf_counter() - predicted
+        finally:
+            if finishing is not None:
+                finishing.stop()
         source_facts = src.describe()
 
     summary: dict[str, Any] = {
@@ -312,7 +329,10 @@ def run_job(
         "request": request,
         **parts["results"],
         "timings": {
-            **(stats.as_dict() if stats else {}), **parts["timings"], "seconds_wall": time.perf_counter() - started
+            **(stats.as_dict() if stats else {}), **parts["timings"],
+            # After the last row: the outputs' rest (written beside the prediction: what it had left to do).
+            "seconds_finishing": finishing_seconds, "finished_alongside": finishing is not None,
+            "seconds_wall": time.perf_counter() - started,
         },
         "versions": versions(),
     }  # fmt: skip

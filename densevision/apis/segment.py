@@ -350,6 +350,9 @@ class SegmentationTask(Task):
         assembler.finish()
         return stats
 
+    def finishes_alongside(self, job: Job) -> bool:
+        return True  # numpy, GDAL and zlib only: the model's classes and palette are known before the fork
+
     def finish(self, job: Job, work: WorkFolder) -> dict[str, Any]:
         """Stream the committed blocks into the final files (renamed into place only when complete), column strip by
         column strip (see ASSEMBLY_STRIP); blocks across a strip's edge are read once per strip and cut there."""
@@ -410,6 +413,7 @@ class SegmentationTask(Task):
                     polygons.seconds_reading = time.perf_counter() - started - polygons.seconds
                 polygons.finish()
             # Before the writers rename their files into place: a failure here leaves nothing that looks finished.
+            work.wait_until_complete()
             preview_path = job.beside(".preview.png")
             _write_preview(preview_path, job.thumb, outputs.preview, predictor.palette, names)
         area = area_per_pixel(src, d)

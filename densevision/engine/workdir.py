@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import itertools
 import json
 import os
@@ -19,12 +20,15 @@ import shutil
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from densevision.engine.finishing import Follow
 from densevision.errors import ConfigError, InvalidRegionError, OutputError
 from densevision.io.atomic import WRITE_ERRORS, disk_errors, remove_quietly, replacing, write_json
+
+_Folder = TypeVar("_Folder", bound="WorkFolder")
 
 
 class WorkFolder:
@@ -35,6 +39,7 @@ class WorkFolder:
 
     def __init__(self, root: Path, fingerprint: dict[str, Any], *, resume: bool, rows: int) -> None:
         self.root, self.rows = root, rows
+        self.follow: Follow | None = None  # set in a finishing process that reads rows as they are committed
         meta = root / "run.json"
         expected = json.loads(json.dumps(fingerprint))  # normalise tuples etc. as the file holds them
         if root.exists():
@@ -70,6 +75,30 @@ class WorkFolder:
             k += 1
         return k - start
 
+    def following(self: _Folder, follow: Follow) -> _Folder:
+        """This folder as a finishing process beside the prediction reads it (see
+        :mod:`densevision.engine.finishing`): reading a row waits until it is committed."""
+        view = copy.copy(self)
+        view.follow = follow
+        return view
+
+    def _readable(self, k: int) -> Path:
+        """Row ``k``'s file, once it is committed (at once unless following)."""
+        path = self.path(k)
+        if self.follow is not None:
+            self.follow.wait_for(path)
+        return path
+
+    def wait_until_complete(self) -> None:
+        """Return once every row is committed and the outputs built from them may go into place (following: once
+        the predicting process says so)."""
+        if self.follow is not None:
+            self.follow.wait_for_commit()
+        elif self.done() != self.rows:
+            raise ConfigError(
+                f"{self.root}: only {self.done()} of {self.rows} rows are finished; run again with --resume"
+            )
+
     def close(self) -> None:
         """Let go of rows not complete (an interrupted run: they are redone on resume)."""
 
@@ -88,7 +117,7 @@ class RecordFolder(WorkFolder):
 
     def get(self, k: int) -> dict[str, np.ndarray]:
         """Row ``k``'s arrays, read into memory."""
-        with np.load(self.path(k)) as f:
+        with np.load(self._readable(k)) as f:
             return {name: f[name] for name in f.files}
 
 
@@ -189,10 +218,11 @@ class BlockFolder(WorkFolder):
         self, columns: tuple[int, int] | None = None
     ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray | None]]:
         """``(y0, x0, classes, probs)`` of the blocks of every finished block row, top to bottom, left to
-        right, only those of block columns ``[a, b)`` with ``columns=(a, b)``; one block in memory at a time."""
+        right, only those of block columns ``[a, b)`` with ``columns=(a, b)``; one block in memory at a time.
+        Following: every block row, each once it is committed."""
         a, b = columns if columns is not None else (0, len(self.col_edges) - 1)
-        for k in range(self.done()):
-            with np.load(self.path(k)) as f:
+        for k in range(self.rows if self.follow is not None else self.done()):
+            with np.load(self._readable(k)) as f:
                 for c in range(a, b):
                     probs = f.get(f"probs-{c:06d}")
                     yield self.row_edges[k], self.col_edges[c], f[f"classes-{c:06d}"], probs
