@@ -3,6 +3,7 @@ awkward sizes (windows not aligned to tiles, ragged last windows), and crash saf
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import uuid
@@ -163,6 +164,15 @@ def test_geotiff_rejects_bad_windows(tmp_path: Path) -> None:
 
 
 # --- pyramidal TIFF ----------------------------------------------------------------------------------------------
+
+
+def test_halve_mode_is_the_most_frequent_of_every_2x2_with_the_earliest_winning_ties() -> None:
+    quads = np.array(list(itertools.product(range(4), repeat=4)), dtype=np.uint8)  # every 2 x 2 of 4 values
+    a = np.zeros((2, 2 * len(quads), 1), np.uint8)
+    a[0, 0::2, 0], a[0, 1::2, 0], a[1, 0::2, 0], a[1, 1::2, 0] = quads.T
+    votes = (quads[:, :, None] == quads[:, None, :]).sum(axis=2)  # how often each of the four occurs
+    expected = quads[np.arange(len(quads)), votes.argmax(axis=1)]  # argmax: the first of the most frequent
+    np.testing.assert_array_equal(halve(a, "mode")[0, :, 0], expected)
 
 
 def test_halve_hand_computed() -> None:
