@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from densevision.engine.heap import release_freed_memory
 from densevision.errors import OutputError
 
 POLL_SECONDS = 0.05  # how often a waiting finisher looks for its next row and its parent's word
@@ -62,6 +63,7 @@ class Follow:
 
     def wait_for(self, path: Path) -> None:
         """Return once ``path`` (a row's file, renamed into place when complete) exists."""
+        release_freed_memory()  # the last row's arrays (see densevision.engine.heap)
         self._listen(0)
         while not path.is_file():
             if self._committed:  # every row is in, says the parent, but not this one

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from densevision.engine.heap import bound_heap_growth
+from densevision.engine.heap import bound_heap_growth, release_freed_memory
 from densevision.engine.reader import TileDataset, tile_loader
 from densevision.tiling.grid import Tile
 
@@ -46,6 +46,9 @@ def batch_aligned(order: Sequence[Tile], rows: tuple[int, int], batch_size: int)
     lo = next((i for i, t in enumerate(order) if t.row >= a), len(order))
     hi = max((i + 1 for i, t in enumerate(order) if t.row < b), default=0)
     return list(order[lo - lo % batch_size : min(len(order), -(-hi // batch_size) * batch_size)])
+
+
+RELEASE_SECONDS = 1.0  # how often the loop gives freed heap pages back to the system
 
 
 @dataclass
@@ -136,7 +139,7 @@ class TileRunner:
         )
         bar = tqdm(total=len(dataset), unit="tile", disable=not self.progress, dynamic_ncols=True, leave=None)
         try:
-            waited = time.perf_counter()
+            waited = released = time.perf_counter()
             for index, pixels, valid in loader:
                 t0 = time.perf_counter()
                 stats.seconds_waiting_for_tiles += t0 - waited
@@ -159,6 +162,9 @@ class TileRunner:
                 stats.tiles += len(index)
                 stats.batches += 1
                 bar.update(len(index))
+                if waited > released + RELEASE_SECONDS:  # see densevision.engine.heap
+                    release_freed_memory()
+                    released = waited
         finally:
             bar.close()
         stats.seconds_total = time.perf_counter() - start
