@@ -371,15 +371,24 @@ def test_polygons_survive_an_interrupted_run_and_resume_to_the_same_bytes(scene,
     assert out.read_bytes() == whole.read_bytes()
 
 
-def test_two_passes_when_the_class_map_is_wider_than_one_strip(scene, tmp_path, monkeypatch):
+def test_two_passes_when_probabilities_are_written_in_strips_narrower_than_the_class_map(scene, tmp_path, monkeypatch):
     path, _, _ = scene
+    # A class map alone is written row by row over its whole width, the polygons along with it.
+    monkeypatch.setattr("densevision.apis.segment.ASSEMBLY_STRIP", 64)
+    alone = segment_image(path, out=tmp_path / "c.tif", predictor=PatternPredictor(), polygons=tmp_path / "c.gpkg",
+                          **RUN)  # fmt: skip
+    assert alone["timings"]["seconds_polygons_reading"] == 0
+    monkeypatch.undo()
+    run = RUN | {"probability_output": True}
     one = segment_image(path, out=tmp_path / "a.tif", predictor=PatternPredictor(), polygons=tmp_path / "a.gpkg",
-                        **RUN)  # fmt: skip
+                        **run)  # fmt: skip
     monkeypatch.setattr("densevision.apis.segment.ASSEMBLY_STRIP", 64)
     two = segment_image(path, out=tmp_path / "b.tif", predictor=PatternPredictor(), polygons=tmp_path / "b.gpkg",
-                        **RUN)  # fmt: skip
+                        **run)  # fmt: skip
     assert two["timings"]["seconds_polygons_reading"] > 0 and one["timings"]["seconds_polygons_reading"] == 0
-    assert (tmp_path / "a.tif").read_bytes() == (tmp_path / "b.tif").read_bytes()
+    for name in ("a.tif", "a.probs.tif"):
+        assert (tmp_path / name).read_bytes() == (tmp_path / name.replace("a", "b")).read_bytes(), name
+    assert (tmp_path / "c.tif").read_bytes() == (tmp_path / "a.tif").read_bytes()
     a, b = pyogrio.raw.read(tmp_path / "a.gpkg"), pyogrio.raw.read(tmp_path / "b.gpkg")
     assert list(a[2]) == list(b[2]) and all((x == y).all() for x, y in zip(a[3], b[3], strict=True))
 

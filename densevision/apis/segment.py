@@ -62,8 +62,10 @@ from densevision.tiling.grid import axis_bounds
 NODATA = 255
 # Classes the preview leaves unpainted, so that the input shows through where nothing was found.
 UNPAINTED = frozenset({"background", "_background_", "unlabeled", "unlabelled"})
-# Blocks go to the writers in column strips of this many pixels, top to bottom within each strip: the writers' partial
-# tiles then span a strip, not the image's width. A multiple of every tile size they use (512: 2**4 of them).
+# With probabilities, blocks go to the writers in column strips of this many pixels, top to bottom within each strip:
+# the writers' partial tiles (K float32 bands) then span a strip, not the image's width. A multiple of every tile size
+# they use (512: 2**4 of them). A class map alone goes row by row over the whole width (its partial tiles: about
+# 2 * 512 bytes per column, 64 MB at 65536 wide), so it is written as the rows are committed.
 ASSEMBLY_STRIP = 8192
 OUTPUT_TILE = 512  # the writers' tiles (GeoTiffWriter's and PyramidTiffWriter's default)
 
@@ -355,7 +357,8 @@ class SegmentationTask(Task):
 
     def finish(self, job: Job, work: WorkFolder) -> dict[str, Any]:
         """Stream the committed blocks into the final files (renamed into place only when complete), column strip by
-        column strip (see ASSEMBLY_STRIP); blocks across a strip's edge are read once per strip and cut there."""
+        column strip with probabilities (see ASSEMBLY_STRIP); blocks across a strip's edge are read once per strip and
+        cut there."""
         assert isinstance(work, BlockFolder)
         src, d, grid = job.src, job.geometry.downsample, job.grid
         predictor = self.predictor(job.model, job.device)
@@ -389,15 +392,16 @@ class SegmentationTask(Task):
             polygons = _Polygons(self.settings, self.polygons_path, src, d, width, height, names, predictor.palette)
         # The polygons need the blocks row-major: along with the class map when it is one strip wide, else in a
         # second pass over the committed blocks (reading and inflating them again).
-        one_pass = width <= ASSEMBLY_STRIP
+        strip = ASSEMBLY_STRIP if probs is not None else width
+        one_pass = width <= strip
         with contextlib.ExitStack() as writers:  # each writer renamed into place on success, dropped on error
             writers.enter_context(classes)
             if probs is not None:
                 writers.enter_context(probs)
             if polygons is not None:
                 writers.enter_context(polygons.writer)
-            for x0 in range(0, width, ASSEMBLY_STRIP):
-                x1 = min(x0 + ASSEMBLY_STRIP, width)
+            for x0 in range(0, width, strip):
+                x1 = min(x0 + strip, width)
                 span = (bisect.bisect_right(cols, x0) - 1, bisect.bisect_left(cols, x1))
                 for by, bx, cmap, p in work.blocks(span):
                     a, b = max(x0, bx) - bx, min(x1, bx + cmap.shape[1]) - bx
