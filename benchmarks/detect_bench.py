@@ -654,8 +654,9 @@ def _side_rows(dv: dict[str, Any], sh: dict[str, Any], args: argparse.Namespace,
         f"| densevision `detect_objects` (workers {args.workers}, batch {args.batch_size}) | {dv['seconds']:.1f} | "
         f"{dv['cpu_seconds']:.0f} | "
         f"wait {tm['seconds_waiting_for_tiles']:.1f}, predict {tm['seconds_predicting']:.1f}, consume "
-        f"{tm['seconds_consuming']:.1f}, merge + write {tm['seconds_merging']:.1f}, rest (model, setup) "
-        f"{dv['seconds'] - tm['seconds_total'] - tm['seconds_merging']:.1f} | {dv['tiles']} | {dv['raw']} | "
+        f"{tm['seconds_consuming']:.1f}, merge + write after the loop {tm['seconds_finishing']:.1f} (merging "
+        f"{tm['seconds_merging']:.1f}{', beside the loop' if tm['finished_alongside'] else ''}), rest (model, setup) "
+        f"{dv['seconds'] - tm['seconds_total'] - tm['seconds_finishing']:.1f} | {dv['tiles']} | {dv['raw']} | "
         f"{dv['objects']} | {dv['peak_rss_mb']:.0f} ({dv['baseline_rss_mb']:.0f}; workers "
         f"{dv['workers_peak_rss_mb']:.0f}) | {dv['load']:.1f} |",
         "",
