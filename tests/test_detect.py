@@ -300,3 +300,48 @@ def test_overview_pass_joins_an_object_larger_than_the_overlap(data_dir, tmp_pat
     downsample = max(size) / TILE  # of the overview
     match_once(found[np.abs(found - big.box).max(axis=1) > downsample + 1], planted[:-1], tol=1e-6)
     assert (np.abs(found - big.box).max(axis=1) <= downsample + 1).sum() == 1
+
+
+class _BatchedColourSam(ColourSam):
+    """ColourSam taking several windows per call, as SamBoxPredictor.predict_windows does."""
+
+    def __init__(self, colours: dict[str, tuple[int, ...]]) -> None:
+        super().__init__(colours)
+        self.batches: list[int] = []
+
+    def predict_windows(self, images, boxes):
+        self.batches.append(len(images))
+        return [self(image, b) for image, b in zip(images, boxes, strict=True)]
+
+
+def test_sam_windows_are_read_by_the_reader_workers_and_prompted_in_batches(scene, tmp_path, monkeypatch):
+    """Windows read in 2 worker processes and given to SAM 3 at a time: the same file as one window at a time read
+    in this process."""
+    import os
+
+    from densevision.apis import detect
+
+    path, _ = scene
+    readers = tmp_path / "readers.txt"
+    read = detect._SamWindows.__getitem__
+
+    def recorded(self, i):
+        with open(readers, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return read(self, i)
+
+    monkeypatch.setattr(detect._SamWindows, "__getitem__", recorded)
+    options = dict(tile=TILE, overlap=OVERLAP, native_crs=True, predictor=ColourDetector(COLOURS))
+    one = ColourSam(COLOURS)
+    segment_instances(path, out=tmp_path / "one.geojson", sam_predictor=one, workers=0, batch_size=1, **options)
+    assert set(readers.read_text().split()) == {str(os.getpid())}
+    readers.unlink()
+    batched = _BatchedColourSam(COLOURS)
+    summary = segment_instances(
+        path, out=tmp_path / "batched.geojson", sam_predictor=batched, workers=2, batch_size=3, **options
+    )
+    assert (tmp_path / "batched.geojson").read_bytes() == (tmp_path / "one.geojson").read_bytes()
+    assert sum(batched.batches) == summary["timings"]["sam_windows"] == len(one.windows) > 3
+    assert max(batched.batches) == 3
+    pids = readers.read_text().split()
+    assert len(pids) == len(one.windows) and str(os.getpid()) not in pids and len(set(pids)) == 2

@@ -159,9 +159,11 @@ class _CheapEncoder(torch.nn.Module):
         torch.manual_seed(1)
         self.proj = torch.nn.Conv2d(3, 256, 1)
         self.calls = 0
+        self.batches: list[int] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
+        self.batches.append(len(x))
         return self.proj(torch.nn.functional.adaptive_avg_pool2d(x, 64))
 
 
@@ -185,6 +187,28 @@ def test_batched_chunks_agree_with_segment_anythings_single_box_path(predictor):
         np.testing.assert_allclose(scores[k], s[0], rtol=1e-4, atol=1e-5)
         assert (masks[k] == m[0]).mean() > 0.999
     assert masks.any(axis=(1, 2)).any()  # the thresholded masks are not all empty: the comparison means something
+
+
+def test_windows_in_one_encoder_pass_give_what_each_window_gives_alone(predictor):
+    """Three windows of different sizes, one without boxes (not encoded), boxes decoded 2 at a time across windows:
+    the same masks and scores as one window per call."""
+    model = copy.deepcopy(predictor.model)
+    model.image_encoder = _CheapEncoder()
+    ours = SamBoxPredictor(model, box_batch=2)
+    images = [_image(75, 90, seed=3), _image(64, 64, seed=4), _image(120, 50, seed=5)]
+    boxes = [np.array([[3.5, 4, 40, 50], [20, 10, 90, 75], [60, 30, 70.25, 41]]), np.zeros((0, 4)),
+             np.array([[0, 0, 50, 120], [10, 60, 30, 100]])]  # fmt: skip
+    together = ours.predict_windows(images, boxes)
+    assert model.image_encoder.batches == [2]  # the two windows with boxes, in one pass
+    for image, b, (masks, scores) in zip(images, boxes, together, strict=True):
+        alone_masks, alone_scores = ours(image, b)
+        assert masks.shape == (len(b), *image.shape[:2]) and masks.dtype == bool and scores.dtype == np.float32
+        np.testing.assert_allclose(scores, alone_scores, rtol=1e-4, atol=1e-5)
+        assert (masks == alone_masks).mean() > 0.999 if len(b) else masks.size == 0
+    assert model.image_encoder.batches == [2, 1, 1]  # the window without boxes was never encoded
+    assert all(m.any(axis=(1, 2)).any() for m, _ in (together[0], together[2]))
+    with pytest.raises(ConfigError, match="one per window"):
+        ours.predict_windows(images, boxes[:2])
 
 
 @pytest.mark.slow
@@ -212,3 +236,16 @@ def test_end_to_end_on_cpu_with_the_real_encoder(predictor):
         assert (masks[k] != m[0]).sum() <= 2, k  # batched vs one-by-one decoding: float noise at the threshold
         assert 0 < m[0].sum() < m[0].size, k  # neither empty nor everything: the comparison means something
     assert (masks[0] != masks[1]).any()  # the boxes prompt different masks
+
+    # Two windows in one encoder pass: the first gives what it gave alone (a batch of 2 may round differently).
+    batches = []
+    hook = predictor.model.image_encoder.register_forward_hook(lambda _m, args, _o: batches.append(len(args[0])))
+    try:
+        (together, together_scores), (other, _) = predictor.predict_windows(
+            [image, _image(64, 64, 1)], [boxes, boxes[:1] / 2]
+        )
+    finally:
+        hook.remove()
+    assert batches == [2]
+    np.testing.assert_allclose(together_scores, scores, rtol=1e-4, atol=1e-5)
+    assert (together != masks).sum() <= 4 and other.shape == (1, 64, 64)

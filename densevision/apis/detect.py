@@ -37,7 +37,7 @@ from densevision.apis.settings import (
     refuse_unknown,
 )
 from densevision.compat import trusted_checkpoints
-from densevision.engine.reader import ReadGeometry, TileDataset
+from densevision.engine.reader import TileDataset, tile_loader
 from densevision.engine.runner import BackgroundCalls, RunStats, TileRunner, batch_aligned
 from densevision.engine.workdir import RecordFolder, WorkFolder
 from densevision.errors import ConfigError
@@ -427,7 +427,7 @@ class DetectionTask(Task):
                     outputs.add_all(objects, polygons if with_masks else None)
                 else:
                     sam_started = time.perf_counter()
-                    sam_windows = _prompt_sam(src, geometry, grid, job.value_scale, objects, self.sam, outputs)
+                    sam_windows = _prompt_sam(job, objects, self.sam, outputs)
                     sam_seconds = time.perf_counter() - sam_started
             work.wait_until_complete()  # before the writers rename their files into place
         merge_seconds = time.perf_counter() - merge_started - sam_seconds
@@ -515,43 +515,57 @@ def detect_objects(
     return run_job(image, out, task, model=model, tiling=tiling, reading=reading, compute=compute, resume=resume)
 
 
-def _window_rgb(
-    src: ImageSource, geometry: ReadGeometry, window: PromptWindow, value_scale: ValueScale | None
-) -> np.ndarray:
-    """The window's pixels as ``h x w x 3`` uint8 RGB (what SAM takes); invalid pixels black."""
-    d = geometry.downsample
-    lw = geometry.level_per_working
-    region = src.read_region((round(window.x * d), round(window.y * d)), geometry.level,
-                             (round(window.w * lw), round(window.h * lw)))  # fmt: skip
-    if region.pixels.shape[1::-1] != window.size:
-        region = resize_region(region, window.size)
-    pixels = value_scale(region.pixels) if value_scale is not None else region.pixels
-    pixels = np.where(region.valid[..., None], pixels, 0)
-    if pixels.shape[-1] < 3:
-        pixels = np.repeat(pixels[..., :1], 3, axis=-1)
-    return np.clip(pixels[..., :3], 0, 255).astype(np.uint8)
+class _SamWindows(TileDataset):
+    """Item ``i``: ``(i, window i's pixels)``, read by the engine's reader workers as ``h x w x 3`` uint8 RGB (what SAM
+    takes), invalid pixels black."""
+
+    def __init__(self, job: Job, windows: Sequence[PromptWindow]) -> None:
+        super().__init__(job.src.path, [], job.geometry, job.reading.open_options, job.value_scale)
+        self.windows = list(windows)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray]:  # type: ignore[override]  # a window, not a tile
+        window, g = self.windows[i], self.geometry
+        loc = (round(window.x * g.downsample), round(window.y * g.downsample))
+        region = self._source().read_region(loc, g.level, (round(window.w * g.level_per_working),
+                                                           round(window.h * g.level_per_working)))  # fmt: skip
+        if region.pixels.shape[1::-1] != window.size:
+            region = resize_region(region, window.size)
+        pixels = self.value_scale(region.pixels) if self.value_scale is not None else region.pixels
+        pixels = np.where(region.valid[..., None], pixels, 0)
+        if pixels.shape[-1] < 3:
+            pixels = np.repeat(pixels[..., :1], 3, axis=-1)
+        return i, np.clip(pixels[..., :3], 0, 255).astype(np.uint8)
 
 
-def _prompt_sam(
-    src: ImageSource,
-    geometry: ReadGeometry,
-    grid: TileGrid,
-    value_scale: ValueScale | None,
-    dets: Detections,
-    sam: Any,
-    outputs: _ObjectOutputs,
-) -> int:
+def _prompt_sam(job: Job, dets: Detections, sam: Any, outputs: _ObjectOutputs) -> int:
     """Prompt SAM once per merged object, in a window that contains it whole (a grid tile where one does, else a
-    window around it read at a lower resolution); returns the number of windows."""
-    d = geometry.downsample
-    windows = prompt_windows(dets.boxes, grid, d)
-    for window in windows:
-        masks, _ = sam(_window_rgb(src, geometry, window, value_scale), window.local_boxes(dets.boxes, d))
-        for mask, k in zip(masks, window.indices.tolist(), strict=True):
-            geom = mask_to_polygons(mask, offset=window.offset(d), scale=window.pixel(d))
-            outputs.add(
-                dets.boxes[k], dets.scores[k], int(dets.labels[k]), bool(dets.partial[k]), len(dets.sources(k)), geom
-            )
+    window around it read at a lower resolution); returns the number of windows. The windows are read by the reader
+    workers and go to SAM ``batch_size`` at a time (its ``predict_windows``: one encoder pass per batch, where SAM
+    has it; else one call per window)."""
+    d = job.geometry.downsample
+    windows = prompt_windows(dets.boxes, job.grid, d)
+    if not windows:
+        return 0
+    predict = getattr(sam, "predict_windows", None) or (lambda ims, bxs: [sam(*a) for a in zip(ims, bxs, strict=True)])
+    workers = min(job.reading.workers, len(windows))
+    loader = tile_loader(_SamWindows(job, windows), batch_size=job.tiling.batch_size, workers=workers, collate=list)
+    for batch in loader:
+        chosen = [windows[i] for i, _ in batch]
+        found = predict([pixels for _, pixels in batch], [w.local_boxes(dets.boxes, d) for w in chosen])
+        for window, (masks, _) in zip(chosen, found, strict=True):
+            for mask, k in zip(masks, window.indices.tolist(), strict=True):
+                geom = mask_to_polygons(mask, offset=window.offset(d), scale=window.pixel(d))
+                outputs.add(
+                    dets.boxes[k],
+                    dets.scores[k],
+                    int(dets.labels[k]),
+                    bool(dets.partial[k]),
+                    len(dets.sources(k)),
+                    geom,
+                )
     return len(windows)
 
 

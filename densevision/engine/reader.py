@@ -8,7 +8,7 @@ shared crosses the fork instead: which deflate tiles were verified already (see 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,11 +167,18 @@ class _TileLoader(DataLoader):
 
 
 def tile_loader(
-    dataset: TileDataset, *, batch_size: int, workers: int, pin_memory: bool = False, prefetch: int = 2
+    dataset: TileDataset,
+    *,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool = False,
+    prefetch: int = 2,
+    collate: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
     """Batches of tiles in order, read by ``workers`` processes with at most ``prefetch`` batches queued each. A
     tile that cannot be read stops the loader with the reader's own typed error (e.g. CorruptImageError naming the
-    window), also when a worker process read it."""
+    window), also when a worker process read it. ``collate``: how a batch's items are put together (default: stacked
+    tensors)."""
     if workers > 0:
         dataset.share_checksums()
     return _TileLoader(
@@ -182,4 +189,5 @@ def tile_loader(
         pin_memory=pin_memory,
         prefetch_factor=prefetch if workers > 0 else None,
         persistent_workers=False,
+        collate_fn=collate,
     )

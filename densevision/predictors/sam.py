@@ -6,10 +6,15 @@ Checkpoints are the official ones (``sam_vit_b_01ec64.pth`` ...) or any state di
 with its name. ``segment_anything``'s own builders are called without ``checkpoint=``, which would use plain
 ``torch.load``.
 
-Cost. ``set_image`` resizes the window's long side to 1024 pixels and pads it to 1024 x 1024 before the ViT
-encoder, so every window costs one full encoder pass whatever its size (ViT-B about 13 s on 2 CPU cores, well
-under a second on a GPU): a 256-pixel tile is upsampled 4x at the same price as a 1024-pixel one, and a larger one
-is downsampled (details finer than ``size / 1024`` pixels are lost). Tiles of 1024 use the encoder best. The
+Batches. :meth:`SamBoxPredictor.predict_windows` takes several windows at once: one encoder pass over all of them
+(``B x 3 x 1024 x 1024``), then the boxes of every window decoded together, ``box_batch`` at a time, each against
+its own window's embedding (:func:`densevision.models.sam_decoder.predict_masks_batched`). Per window it computes
+what segment_anything's ``SamPredictor`` does (``set_image`` then ``predict_torch``), up to float rounding.
+
+Cost. Each window's long side is resized to 1024 pixels and padded to 1024 x 1024 before the ViT encoder, as
+``set_image`` does, so every window costs one full encoder pass whatever its size (ViT-B about 13 s on 2 CPU cores,
+well under a second on a GPU): a 256-pixel tile is upsampled 4x at the same price as a 1024-pixel one, and a larger
+one is downsampled (details finer than ``size / 1024`` pixels are lost). Tiles of 1024 use the encoder best. The
 prompts are cheap by comparison: the decoder runs once per ``box_batch`` boxes, whose masks are upsampled to
 1024 x 1024 and then to the window's size as float32 (about ``box_batch * (4 MiB + 4 * H * W)`` bytes at a time).
 """
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +31,7 @@ import torch
 
 from densevision.compat import load_checkpoint, load_state_dict_strictly
 from densevision.errors import CheckpointError, ConfigError, InvalidRegionError
+from densevision.models.sam_decoder import predict_masks_batched
 
 # model type -> (encoder embedding width, encoder depth), as segment_anything.build_sam builds them
 SAM_MODEL_TYPES: dict[str, tuple[int, int]] = {"vit_b": (768, 12), "vit_l": (1024, 24), "vit_h": (1280, 32)}
@@ -102,23 +108,25 @@ def sam_from_state_dict(state_dict: Mapping[str, torch.Tensor], model_type: str 
 
 
 class SamBoxPredictor:
-    """Box-prompted SAM on one window at a time (stateless between calls; see the module docstring for the cost).
+    """Box-prompted SAM on windows (stateless between calls; see the module docstring for the batches and the cost).
 
     ``predictor(image, boxes)``: ``image`` ``H x W x 3`` uint8 RGB, ``boxes`` ``N x 4`` float (x0, y0, x1, y1) in
     the image's pixels (pixel-edge convention) -> ``(masks N x H x W bool, scores N float32)``, the scores being
-    SAM's predicted IoU of each mask (as the model gives it, unclipped). The encoder runs once per call (not at all
-    when ``N == 0``); the boxes are decoded ``box_batch`` at a time, one mask each (``multimask_output=False``: a
-    box is an unambiguous prompt).
+    SAM's predicted IoU of each mask (as the model gives it, unclipped). ``predictor.predict_windows(images,
+    boxes)`` does the same for several windows in one encoder pass. Windows without boxes are not encoded; the
+    boxes are decoded ``box_batch`` at a time, one mask each (``multimask_output=False``: a box is an unambiguous
+    prompt).
     """
 
     def __init__(self, model: torch.nn.Module, *, box_batch: int = 64) -> None:
-        from segment_anything import SamPredictor
+        from segment_anything.utils.transforms import ResizeLongestSide
 
         if box_batch < 1:
             raise ConfigError(f"box_batch must be positive, got {box_batch}")
         self.model = model.eval()
         self.box_batch = box_batch
-        self._predictor = SamPredictor(self.model)
+        encoder: Any = self.model.image_encoder
+        self._transform = ResizeLongestSide(encoder.img_size)  # SAM's 1024
 
     @property
     def device(self) -> torch.device:
@@ -152,27 +160,58 @@ class SamBoxPredictor:
             raise CheckpointError(f"{path}: {e}") from None
         return cls(model.to(torch.device(device)), box_batch=box_batch)
 
-    @torch.no_grad()
     def __call__(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        img, b = _check_inputs(image, boxes)
-        h, w = img.shape[:2]
-        if len(b) == 0:
-            return np.zeros((0, h, w), dtype=bool), np.zeros(0, dtype=np.float32)
-        p = self._predictor
-        p.set_image(img, image_format="RGB")
-        try:
-            masks = np.empty((len(b), h, w), dtype=bool)
-            scores = np.empty(len(b), dtype=np.float32)
-            for i in range(0, len(b), self.box_batch):
-                chunk = torch.as_tensor(b[i : i + self.box_batch], dtype=torch.float32, device=p.device)
-                m, iou, _ = p.predict_torch(
-                    None, None, boxes=p.transform.apply_boxes_torch(chunk, (h, w)), multimask_output=False
-                )
-                masks[i : i + len(chunk)] = m[:, 0].cpu().numpy()
-                scores[i : i + len(chunk)] = iou[:, 0].float().cpu().numpy()
-        finally:
-            p.reset_image()  # drop the embedding: nothing from this window leaks into the next
-        return masks, scores
+        return self.predict_windows([image], [boxes])[0]
+
+    @torch.inference_mode()
+    def predict_windows(
+        self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(masks, scores)`` of each window's boxes, as :meth:`__call__` gives them one window at a time."""
+        if len(images) != len(boxes):
+            raise ConfigError(f"got {len(images)} windows but {len(boxes)} box arrays; pass one per window")
+        checked = [_check_inputs(im, b) for im, b in zip(images, boxes, strict=True)]
+        results = [(np.zeros((len(b), *im.shape[:2]), bool), np.zeros(len(b), np.float32)) for im, b in checked]
+        busy = [k for k, (_, b) in enumerate(checked) if len(b)]
+        if not busy:
+            return results
+        model: Any = self.model  # segment_anything's Sam (its submodules untyped)
+        device = self.device
+        # segment_anything's preprocess per window: long side to 1024 (PIL), then (x - mean) / std, then zero padding.
+        side = model.image_encoder.img_size
+        inputs = [self._transform.apply_image(checked[k][0]) for k in busy]
+        batch = torch.zeros((len(busy), 3, side, side), device=device)
+        for row, pixels in zip(batch, inputs, strict=True):
+            h, w = pixels.shape[:2]
+            x = torch.as_tensor(pixels, device=device).permute(2, 0, 1)
+            row[:, :h, :w] = (x - model.pixel_mean) / model.pixel_std
+        embeddings = model.image_encoder(batch)
+        prompt, decoder = model.prompt_encoder, model.mask_decoder
+        dense = prompt.get_dense_pe()
+        src = embeddings + prompt.no_mask_embed.weight.reshape(1, -1, 1, 1)  # what predict_masks adds per prompt
+        # Every box of every window, in window order, with the window it belongs to; window i's boxes start at first[i].
+        counts = [len(checked[k][1]) for k in busy]
+        first = np.cumsum([0, *counts])
+        owner = torch.as_tensor(np.repeat(np.arange(len(busy)), counts), device=device)
+        local = torch.cat([
+            self._transform.apply_boxes_torch(
+                torch.as_tensor(checked[k][1], dtype=torch.float32, device=device), checked[k][0].shape[:2]
+            )
+            for k in busy
+        ])  # fmt: skip
+        for start in range(0, len(local), self.box_batch):  # box_batch masks (upsampled, float32) at a time
+            stop = min(start + self.box_batch, len(local))
+            sparse, _ = prompt(points=None, boxes=local[start:stop], masks=None)
+            low_res, iou = predict_masks_batched(decoder, src, dense, sparse, owner[start:stop], slice(0, 1))
+            for i in range(int(np.searchsorted(first, start, "right")) - 1, len(busy)):
+                a, b = max(start, first[i]), min(stop, first[i + 1])
+                if a >= b:
+                    break
+                masks, scores = results[busy[i]]
+                up = model.postprocess_masks(low_res[a - start : b - start], inputs[i].shape[:2], masks.shape[1:])
+                masks[a - first[i] : b - first[i]] = (up[:, 0] > model.mask_threshold).cpu().numpy()
+                scores[a - first[i] : b - first[i]] = iou[a - start : b - start, 0].float().cpu().numpy()
+        return results
 
 
 def _check_inputs(image: Any, boxes: Any) -> tuple[np.ndarray, np.ndarray]:
