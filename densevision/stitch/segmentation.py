@@ -356,8 +356,8 @@ class SegmentationStitcher:
     def reuse(self, logits: torch.Tensor) -> None:
         """The sink is done with a final cell's ``logits`` (its reduction at least queued on their device): their
         memory may serve a later cell of as many pixels (on the CPU each new cell costs its page faults). Up to a
-        tile's pixels are kept, the oldest dropped first. Call it from the stitcher's thread (a sink that never does gets new tensors for every
-        cell)."""
+        tile's pixels are kept, the oldest dropped first. Call it from the stitcher's thread (a sink that never does
+        gets new tensors for every cell)."""
         if logits.shape[0] == self.num_classes and logits.is_contiguous() and logits.device == self.device:
             self._free.give(logits)  # else not a cell's own logits (e.g. the broadcast zero of a cell no tile reached)
 
