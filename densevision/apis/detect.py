@@ -44,7 +44,6 @@ from densevision.errors import ConfigError
 from densevision.io import CocoResultsWriter, GeoJsonWriter, ImageSource
 from densevision.io.atomic import check_output_path, replacing
 from densevision.io.scaling import ValueScale
-from densevision.io.source import resize_region
 from densevision.predictors.base import DetectionPredictor, TileDetections
 from densevision.stitch import DetectionMerger, Detections, merge_detections
 from densevision.stitch.instances import PromptWindow, mask_to_polygons, merge_instance_polygons, prompt_windows
@@ -527,14 +526,10 @@ class _SamWindows(TileDataset):
         return len(self.windows)
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray]:  # type: ignore[override]  # a window, not a tile
-        window, g = self.windows[i], self.geometry
-        loc = (round(window.x * g.downsample), round(window.y * g.downsample))
-        region = self._source().read_region(loc, g.level, (round(window.w * g.level_per_working),
-                                                           round(window.h * g.level_per_working)))  # fmt: skip
-        if region.pixels.shape[1::-1] != window.size:
-            region = resize_region(region, window.size)
-        pixels = self.value_scale(region.pixels) if self.value_scale is not None else region.pixels
-        pixels = np.where(region.valid[..., None], pixels, 0)
+        window = self.windows[i]
+        pixels, valid = self.read_window(window.x, window.y, window.w, window.h, window.size)
+        pixels = self.value_scale(pixels) if self.value_scale is not None else pixels
+        pixels = np.where(valid[..., None], pixels, 0)
         if pixels.shape[-1] < 3:
             pixels = np.repeat(pixels[..., :1], 3, axis=-1)
         return i, np.clip(pixels[..., :3], 0, 255).astype(np.uint8)

@@ -111,12 +111,17 @@ class TileDataset(Dataset):
 
     def read(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
         """``(pixels T x T x C, valid T x T)`` of a tile at working resolution."""
+        return self.read_window(tile.x, tile.y, tile.width, tile.height, (tile.width, tile.height))
+
+    def read_window(self, x: int, y: int, w: int, h: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """``(pixels, valid)`` of the ``w x h`` working pixels at ``(x, y)``, resized to ``size = (width, height)``
+        where that differs from what the level gives."""
         g = self.geometry
-        loc = (round(tile.x * g.downsample), round(tile.y * g.downsample))
-        size = (round(tile.width * g.level_per_working), round(tile.height * g.level_per_working))
-        region = self._source().read_region(loc, g.level, size)
-        if size != (tile.width, tile.height):
-            region = resize_region(region, (tile.width, tile.height))
+        loc = (round(x * g.downsample), round(y * g.downsample))
+        read = (round(w * g.level_per_working), round(h * g.level_per_working))
+        region = self._source().read_region(loc, g.level, read)
+        if region.pixels.shape[1::-1] != size:
+            region = resize_region(region, size)
         return region.pixels, region.valid
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
