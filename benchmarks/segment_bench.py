@@ -360,8 +360,8 @@ def child_reader(args: argparse.Namespace) -> dict[str, Any]:
     baseline = peak_rss_mb()
     t0 = time.perf_counter()
     n = 0
-    for _, pixels, _ in tile_loader(dataset, batch_size=args.batch_size, workers=min(args.workers, len(dataset))):
-        n += len(pixels)
+    for batch in tile_loader(dataset, batch_size=args.batch_size, workers=min(args.workers, len(dataset))):
+        n += len(batch)
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,

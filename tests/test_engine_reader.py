@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import fcntl
 import pickle
+import time
+import warnings
 import zlib
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -17,31 +18,95 @@ from torch.utils.data import DataLoader
 
 from densevision import open_image
 from densevision.engine import TileDataset, read_geometry, tile_loader
+from densevision.engine.reader import reader_runs
 from densevision.errors import ConfigError, MissingResolutionError
 from densevision.io import decode
 from densevision.io.scaling import ValueScale
+from densevision.stitch.segmentation import stitch_order
 from densevision.synthetic.damage import tiff_tiles
 from densevision.synthetic.rasters import make_geotiff
 from densevision.tiling import TileGrid
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_workers_read_the_same_tiles(data_dir, workers):
+@pytest.mark.parametrize(
+    ("workers", "batch_size", "pinned", "slow"),
+    [(0, 4, False, False), (2, 4, False, False), (2, 3, False, True), (2, 1, False, True), (2, 4, True, False)],
+)
+def test_workers_read_the_same_tiles(data_dir, workers, batch_size, pinned, slow):
+    # Batches cut across the workers' runs (3 + 2 tiles a row here); a slow consumer lets the workers run as far
+    # ahead as they may, so a shared slot rewritten too early would show as another tile's pixels. Pinned: runs
+    # cross the DataLoader's way (pinning is skipped without CUDA).
     path = data_dir / "wsi/CMU-1-Small-Region.svs"
     with open_image(path) as src:
         grid = TileGrid(*src.size, 512, overlap=64)
         geometry = read_geometry(src)
         expected = {t.index: src.read_region((t.x, t.y), 0, (512, 512)) for t in grid}
     dataset = TileDataset(path, list(grid), geometry)
-    seen = []
-    for index, pixels, valid in tile_loader(dataset, batch_size=4, workers=workers):
-        assert pixels.shape[1:] == (3, 512, 512) and valid.shape[1:] == (512, 512)
-        assert pixels.dtype == torch.uint8  # a uint8 source crosses as uint8; the device converts
-        for i, p, v in zip(index.tolist(), pixels, valid, strict=True):
-            np.testing.assert_array_equal(p.numpy().transpose(1, 2, 0), expected[i].pixels)
-            np.testing.assert_array_equal(v.numpy(), expected[i].valid)
-            seen.append(i)
+    seen, sizes = [], []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "'pin_memory' argument is set as true but no accelerator")
+        for batch in tile_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=pinned):
+            if slow:
+                time.sleep(0.05)
+            pixels, valid = batch.pixels, batch.valid
+            assert pixels.shape[1:] == (3, 512, 512) and valid.shape[1:] == (512, 512)
+            assert pixels.dtype == torch.uint8  # a uint8 source crosses as uint8; the device converts
+            for i, p, v in zip(batch.index, pixels, valid, strict=True):
+                np.testing.assert_array_equal(p.numpy().transpose(1, 2, 0), expected[i].pixels)
+                np.testing.assert_array_equal(v, expected[i].valid)
+                seen.append(i)
+            sizes.append(len(batch))
     assert seen == [t.index for t in grid]  # in order, each once
+    n = len(grid)
+    assert sizes == [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+
+
+def test_tiles_in_the_stitching_order_cross_the_shared_slots_intact(tmp_path):
+    # The stitching order interleaves the last two tile rows (the last is shifted inward): one tile a run, every
+    # other run empty. A batch then spans runs far apart: the slots must be counted by runs with tiles, or a worker
+    # running ahead overwrites tiles still waiting in the batch (found by the cohort tests: 112 pixels flipped).
+    path = tmp_path / "scene.tif"
+    make_geotiff(path, 200, 170, tile=128, seed=3)
+    with open_image(path) as src:
+        grid, geometry = TileGrid(*src.size, 64, overlap=16), read_geometry(src)
+    order = stitch_order(grid)
+    assert [t.row for t in order][8:] == [2, 3, 2, 3, 2, 3, 2, 3]
+    dataset = TileDataset(path, order, geometry)
+    expected = {t.index: dataset[i][1] for i, t in enumerate(order)}
+    seen = []
+    for batch in tile_loader(dataset, batch_size=4, workers=2, prefetch=2):
+        time.sleep(0.05)
+        for i, pixels in zip(batch.index, batch.pixels, strict=True):
+            assert torch.equal(pixels, expected[i]), i
+            seen.append(i)
+    assert seen == [t.index for t in order]
+
+
+def test_reader_runs_keep_each_worker_on_the_same_columns_row_after_row():
+    # 2 + 1 tile rows of a 23-column grid, some tiles skipped (a row's first tiles among them): each row is cut into
+    # the same number of runs, a multiple of the workers, none longer than allowed; run k is worker k % 3's.
+    grid = TileGrid(23 * 100 + 28, 3 * 100 + 28, 128, overlap=28)
+    tiles = [t for t in grid if (not (t.row == 1 and t.col in (0, 1, 7, 8, 9)) and t.row != 2) or t.col == 5]
+    runs = reader_runs(tiles, 3, most=4)
+    assert [i for run in runs for i in run] == list(range(len(tiles)))
+    rows = [runs[k : k + 6] for k in range(0, len(runs), 6)]  # 3 workers * ceil(23 / (3 * 4)) runs a row
+    assert len(runs) == 6 * 3 and all(len(run) <= 4 for run in runs)
+    columns = [[{tiles[i].col for i in run} for run in row] for row in rows]
+    assert all(len({tiles[i].row for i in run}) <= 1 for run in runs)
+    for row in columns[1:]:
+        for full, part in zip(columns[0], row, strict=True):
+            assert part <= full  # worker k % 3 reads the same columns as in the first (full) row, or fewer
+    assert columns[1][0] == {2, 3} and columns[2] == [set(), {5}, set(), set(), set(), set()]
+
+
+def test_inflating_checks_the_adler32_and_leaves_the_last_word_to_zlib():
+    data = np.arange(64 * 64 * 3, dtype=np.uint8).tobytes()
+    stream = zlib.compress(data)
+    decode.inflate(stream, len(data))
+    decode.inflate(stream, 16)  # more bytes than expected: libdeflate refuses, zlib decides (it checks out)
+    damaged = stream[:-1] + bytes([stream[-1] ^ 1])  # the Adler-32's last byte
+    with pytest.raises(zlib.error, match="incorrect data check"):
+        decode.inflate(damaged, len(data))
 
 
 def log_inflates(monkeypatch, log: Path) -> None:
@@ -49,10 +114,12 @@ def log_inflates(monkeypatch, log: Path) -> None:
     (the patches cross the workers' fork; each line is one small append). Checks run one at a time across the
     processes, so that two workers never race to check one tile (harmless, but both would inflate it)."""
 
-    def inflate(raw: bytes) -> bytes:
+    inflate = decode.inflate
+
+    def logged(raw: bytes, size: int) -> None:
         with open(log, "a") as f:
             f.write(f"{zlib.crc32(raw)}\n")
-        return zlib.decompress(raw)
+        inflate(raw, size)
 
     verify = decode.DeflateChecksums.verify
 
@@ -61,7 +128,7 @@ def log_inflates(monkeypatch, log: Path) -> None:
             fcntl.flock(lock, fcntl.LOCK_EX)
             verify(self, *args)
 
-    monkeypatch.setattr(decode, "zlib", SimpleNamespace(decompress=inflate, error=zlib.error))
+    monkeypatch.setattr(decode, "inflate", logged)
     monkeypatch.setattr(decode.DeflateChecksums, "verify", one_at_a_time)
 
 
@@ -79,8 +146,8 @@ def deflate_scene(tmp_path_factory) -> tuple[Path, Counter[int]]:
 
 
 def test_each_deflate_tile_is_verified_once_across_the_workers(deflate_scene, monkeypatch, tmp_path):
-    # One tile a batch alternates the two workers window by window, and the 16-px overlap makes neighbouring
-    # windows share TIFF tiles: per-worker flags inflate those tiles in both workers.
+    # The two workers read adjacent runs of windows, and the 16-px overlap makes the windows where their runs meet
+    # share TIFF tiles: per-worker flags inflate those tiles in both workers.
     path, level0 = deflate_scene
     with open_image(path) as src:
         grid, geometry = TileGrid(*src.size, 128, overlap=16), read_geometry(src)

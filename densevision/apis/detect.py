@@ -37,7 +37,7 @@ from densevision.apis.settings import (
     refuse_unknown,
 )
 from densevision.compat import trusted_checkpoints
-from densevision.engine.reader import TileDataset, tile_loader
+from densevision.engine.reader import TileDataset, window_loader
 from densevision.engine.runner import BackgroundCalls, RunStats, TileRunner, batch_aligned
 from densevision.engine.workdir import RecordFolder, WorkFolder
 from densevision.errors import ConfigError
@@ -546,7 +546,7 @@ def _prompt_sam(job: Job, dets: Detections, sam: Any, outputs: _ObjectOutputs) -
         return 0
     predict = getattr(sam, "predict_windows", None) or (lambda ims, bxs: [sam(*a) for a in zip(ims, bxs, strict=True)])
     workers = min(job.reading.workers, len(windows))
-    loader = tile_loader(_SamWindows(job, windows), batch_size=job.tiling.batch_size, workers=workers, collate=list)
+    loader = window_loader(_SamWindows(job, windows), batch_size=job.tiling.batch_size, workers=workers)
     for batch in loader:
         chosen = [windows[i] for i, _ in batch]
         found = predict([pixels for _, pixels in batch], [w.local_boxes(dets.boxes, d) for w in chosen])

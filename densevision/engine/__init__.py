@@ -1,5 +1,5 @@
 """The streaming runner: tiles read in worker processes, batched through a predictor, stitched and written."""
 
-from densevision.engine.reader import ReadGeometry, TileDataset, read_geometry, tile_loader
+from densevision.engine.reader import ReadGeometry, TileBatch, TileDataset, read_geometry, tile_loader
 
-__all__ = ["ReadGeometry", "TileDataset", "read_geometry", "tile_loader"]
+__all__ = ["ReadGeometry", "TileBatch", "TileDataset", "read_geometry", "tile_loader"]

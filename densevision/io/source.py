@@ -18,8 +18,9 @@ from densevision.io.decode import DeflateChecksums, decode_errors
 
 
 class Region(NamedTuple):
-    """A window of pixels. ``pixels`` is ``H x W x C``; ``valid`` is ``H x W`` bool, False outside the image
-    or where the source says nodata / transparent."""
+    """A window of pixels. ``pixels`` is ``H x W x C`` (possibly a view of band-sequential memory: make it
+    contiguous where that matters); ``valid`` is ``H x W`` bool, False outside the image or where the source says
+    nodata / transparent."""
 
     pixels: np.ndarray
     valid: np.ndarray
