@@ -10,6 +10,7 @@ import pytest
 import rasterio
 import tifffile
 from affine import Affine
+from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
 from densevision import open_image
@@ -70,6 +71,38 @@ def test_raster_window_equals_rasterio_and_marks_nodata_and_outside(data_dir):
     np.testing.assert_array_equal(region.valid[:68, :91], mask > 0)
     assert not region.valid[68:].any() and not region.valid[:, 91:].any()
     assert (region.pixels[68:] == 0).all()
+
+
+@pytest.mark.parametrize("how", ["alpha", "internal mask", "nodata", "all valid"])
+def test_raster_validity_comes_from_alpha_mask_or_nodata_and_pixels_from_every_band(tmp_path, how):
+    # A file with nothing that marks pixels invalid is read without GDAL's mask; every other kind keeps it.
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(1, 255, (3, 40, 60), dtype=np.uint8)
+    hidden = np.zeros((40, 60), dtype=bool)
+    hidden[5:20, 10:30] = True
+    path = tmp_path / "scene.tif"
+    profile = {
+        "driver": "GTiff", "width": 60, "height": 40, "dtype": "uint8", "count": 4 if how == "alpha" else 3,
+        "crs": "EPSG:32618", "transform": Affine(10, 0, 500000, 0, -10, 4000000),
+    }  # fmt: skip
+    if how == "nodata":
+        rgb[:, hidden] = 0
+        profile["nodata"] = 0
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as dst:
+        dst.write(rgb, [1, 2, 3])
+        if how == "alpha":
+            dst.write(np.where(hidden, 0, 255).astype(np.uint8), 4)
+            dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
+        elif how == "internal mask":
+            dst.write_mask(np.where(hidden, 0, 255).astype(np.uint8))
+    with open_image(path) as src:
+        assert src.backend == "rasterio"
+        region = src.read_region((-4, -2), 0, (64, 44))
+    assert region.pixels.shape == (44, 64, 3)
+    np.testing.assert_array_equal(region.pixels[2:42, 4:64], np.moveaxis(rgb, 0, -1))
+    expected = np.zeros((44, 64), dtype=bool)
+    expected[2:42, 4:64] = ~hidden if how != "all valid" else True
+    np.testing.assert_array_equal(region.valid, expected)
 
 
 def test_raster_overview_level_window(data_dir):
