@@ -64,7 +64,7 @@ def test_workers_read_the_same_tiles(data_dir, workers, batch_size, pinned, slow
 def test_tiles_in_the_stitching_order_cross_the_shared_slots_intact(tmp_path):
     # The stitching order interleaves the last two tile rows (the last is shifted inward): one tile a run, every
     # other run empty. A batch then spans runs far apart: the slots must be counted by runs with tiles, or a worker
-    # running ahead overwrites tiles still waiting in the batch (found by the cohort tests: 112 pixels flipped).
+    # running ahead overwrites tiles still waiting in the batch (found by the cohort tests: outputs that differed).
     path = tmp_path / "scene.tif"
     make_geotiff(path, 200, 170, tile=128, seed=3)
     with open_image(path) as src:
