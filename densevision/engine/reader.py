@@ -229,7 +229,7 @@ class _Slots:
 
     def __init__(self, count: int, tiles: int, layout: tuple[int, int, int, torch.dtype]) -> None:
         c, h, w, dtype = layout
-        self.count, self.tiles = count, tiles
+        self.count = count
         self.pixels = _shared((count, tiles, c, h, w), dtype)
         self.valid = _shared((count, tiles, h, w), torch.bool)
 
@@ -248,8 +248,8 @@ class _Slots:
 
 
 def _shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
-    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=int(np.prod(shape))).view(shape)
+    n = int(np.prod(shape))
+    return torch.frombuffer(mmap.mmap(-1, max(n * dtype.itemsize, 1)), dtype=dtype, count=n).view(shape)
 
 
 @dataclass(frozen=True)
@@ -265,8 +265,8 @@ class _Runs(Dataset):
     slots when there are any, else stacked (in the worker's shared memory, as a DataLoader batch is); None for an
     empty run."""
 
-    def __init__(self, tiles: TileDataset, runs: list[list[int]], slots: _Slots | None) -> None:
-        self.tiles, self.runs, self.slots = tiles, runs, slots
+    def __init__(self, dataset: TileDataset, runs: list[list[int]], slots: _Slots | None) -> None:
+        self.dataset, self.runs, self.slots = dataset, runs, slots
         self.filled = list(itertools.accumulate(len(run) > 0 for run in runs))  # runs with tiles up to each
 
     def __len__(self) -> int:
@@ -276,7 +276,7 @@ class _Runs(Dataset):
         run = self.runs[k]
         if not run:
             return None
-        items = [self.tiles[i] for i in run]
+        items = [self.dataset[i] for i in run]
         return self.slots.put(self.filled[k] - 1, items) if self.slots is not None else default_collate(items)
 
     def __getstate__(self) -> dict[str, Any]:
