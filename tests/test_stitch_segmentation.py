@@ -21,7 +21,7 @@ from densevision.stitch import (
     probabilities,
     tile_window,
 )
-from densevision.stitch.segmentation import BlockAssembler, block_edges, reduce_cell, stitch_order
+from densevision.stitch.segmentation import BlockAssembler, Reduction, block_edges, reduce_cell, stitch_order
 from densevision.tiling.grid import Tile, TileGrid
 
 
@@ -734,3 +734,80 @@ def test_cells_given_back_with_reuse_serve_later_cells_without_changing_a_bit(bl
         assert lg2[:, v].tobytes() == lg[:, v].tobytes()
     assert distinct < len(reused)  # cells got the memory of earlier ones
     assert 0 < pooled <= 3 * grid.tile**2  # at most a tile's pixels are kept (3 classes)
+
+
+@pytest.mark.parametrize("blend", BLEND_MODES)
+@pytest.mark.parametrize("c", [1, 2, 19, 150])
+def test_cells_reduced_by_the_stitcher_give_the_reference_class_maps_bit_for_bit(blend, c):
+    # With a Reduction and no probabilities, the CPU makes each class map in one pass with the cell's last
+    # contribution (fused.py); with probabilities it reduces the normalised sums (reduce_cell). Both against the numpy
+    # stitcher's cells and argmax: ties everywhere (logits quantised to halves), NaN under padding, a hole of nodata,
+    # the last contributor of some cells skipped.
+    grid = TileGrid(203, 157, 64, 24)
+    preds = _predictions(grid, c, seed=c + 1)
+    ref: list[tuple[int, int, np.ndarray]] = []
+    old = reference.SegmentationStitcher(
+        grid, c, blend, lambda y0, x0, lg, v: ref.append((y0, x0, reference.class_map(lg, v)))
+    )
+    runs: dict[bool, list] = {False: [], True: []}
+    stitchers = [old] + [
+        SegmentationStitcher(grid, c, blend, runs[probs].append, reduction=Reduction(probs=probs)) for probs in runs
+    ]
+    assert [st._fused for st in stitchers[1:]] == [True, False]
+    for tile, logits, valid, skipped in preds:
+        for st in stitchers:
+            st.skip(tile) if skipped else st.add(tile, logits if st is old else torch.from_numpy(logits), valid)
+    for st in stitchers:
+        st.finish()
+    assert (~np.concatenate([cmap.ravel() != 255 for *_, cmap in ref])).any()  # nodata was exercised
+    for probs, cells in runs.items():
+        assert [(cell.y0, cell.x0) for cell in cells] == [(y, x) for y, x, _ in ref]  # same cells, same order
+        for cell, (_, _, expected) in zip(cells, ref, strict=True):
+            cmap, p = cell.result()
+            assert cmap.dtype == np.uint8 and (p is not None) == probs
+            np.testing.assert_array_equal(cmap, expected)
+        assert stitchers[1 + probs].held_pixels == 0
+
+
+def test_the_fused_class_map_holds_no_sums_for_cells_with_one_contributor():
+    # Under crop every cell has one contributor: the fused stitcher never allocates an accumulator.
+    grid = TileGrid(203, 157, 64, 24)
+    st = SegmentationStitcher(grid, 3, "crop", lambda cell: None, reduction=Reduction())
+    for tile, logits, valid, _ in _predictions(grid, 3, seed=1):
+        st.add(tile, torch.from_numpy(logits), valid)
+    st.finish()
+    assert st.max_held_pixels == 0
+    negative = SegmentationStitcher(grid, 3, "crop", lambda cell: None, reduction=Reduction(probs=True))
+    negative.add(next(iter(grid)), torch.zeros((3, 64, 64)))
+    assert negative.max_held_pixels > 0
+
+
+@pytest.mark.parametrize("probs", [False, True])
+def test_non_finite_logits_where_a_tile_is_valid_stop_a_reducing_stitcher(probs):
+    grid = TileGrid(100, 80, 64, 16)
+    cells: list = []
+    st = SegmentationStitcher(grid, 2, "gaussian", cells.append, reduction=Reduction(probs=probs))
+    order = stitch_order(grid)
+    inf_tile = order[1]
+    for tile in order:
+        logits = torch.zeros((2, 64, 64))
+        if tile is inf_tile:
+            logits[1, 40, 40] = float("inf")  # in the overlap with the first tile: a cell with two contributors
+        st.add(tile, logits)
+    st.finish()
+    bad = []
+    for cell in cells:
+        try:
+            cell.result()
+        except InvalidRegionError as e:
+            bad.append((cell, str(e)))
+    assert len(bad) == 1
+    cell, message = bad[0]
+    y, x = inf_tile.y + 40, inf_tile.x + 40
+    assert cell.y0 <= y < cell.y0 + cell.shape[0] and cell.x0 <= x < cell.x0 + cell.shape[1]
+    assert "non-finite logits" in message
+
+
+def test_a_reducing_stitcher_refuses_a_nodata_that_is_a_class():
+    with pytest.raises(ConfigError, match="nodata 2 must not be a class index"):
+        SegmentationStitcher(TileGrid(100, 100, 64), 3, "crop", lambda cell: None, reduction=Reduction(nodata=2))

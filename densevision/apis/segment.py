@@ -53,8 +53,8 @@ from densevision.stitch.segmentation import (
     UINT8_PROBABILITY_SCALE,
     BlockAssembler,
     ReducedCell,
+    Reduction,
     block_edges,
-    reduce_cell,
     stitch_order,
 )
 from densevision.tiling.grid import axis_bounds
@@ -308,17 +308,18 @@ class SegmentationTask(Task):
             cmap, probs = cell.result()
             assembler(cell.y0, cell.x0, *((cmap, probs) if with_probs else (cmap,)))
 
-        def reduce(y0: int, x0: int, logits: torch.Tensor, valid: torch.Tensor) -> None:
-            """A final cell of the stitcher: reduced on the device (on CUDA queued there; on the CPU here, between the
-            model's calls, not beside a model whose threads take every core), its memory back to the stitcher, its
-            copy to the host started, handed on."""
-            if y0 < edges[end] and y0 + valid.shape[0] > edges[first]:  # a block row this call commits
-                cell = reduce_cell(y0, x0, logits, valid, probs=with_probs, nodata=NODATA, probs_dtype=probs_dtype)
-                background.submit(block, cell, weight=valid.numel())
-            stitcher.reuse(logits)
+        def hand_on(cell: ReducedCell) -> None:
+            """A final cell, reduced by the stitcher on the device (on CUDA queued there; on the CPU here, between the
+            model's calls, not beside a model whose threads take every core), its copy to the host started."""
+            h, w = cell.shape
+            if cell.y0 < edges[end] and cell.y0 + h > edges[first]:  # a block row this call commits
+                background.submit(block, cell, weight=h * w)
 
         # The accumulators live where the logits are computed: only reduced cells come back to the host.
-        stitcher = SegmentationStitcher(grid, predictor.num_classes, blend, reduce, device=predictor.device)
+        reduction = Reduction(probs=with_probs, nodata=NODATA, probs_dtype=probs_dtype)
+        stitcher = SegmentationStitcher(
+            grid, predictor.num_classes, blend, hand_on, device=predictor.device, reduction=reduction
+        )
         needed = range(r0, end)  # block row k is final once tile rows up to k are in
         added = [bool(keep[t.index]) and t.row in needed for t in tiles]
         # Tiles of rows >= r0 are a suffix of the order (an interleaved pair of rows is never split by r0: its first

@@ -44,13 +44,14 @@ import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
 
 from densevision.errors import ConfigError, InvalidRegionError
 from densevision.stitch.blend import check_blend, tile_window
+from densevision.stitch.fused import fused_class_map
 from densevision.tiling.grid import Tile, TileGrid, axis_bounds
 
 # sink(y0, x0, logits, valid): one final cell, rows [y0, y0 + h) x columns [x0, x0 + w), as tensors on the
@@ -59,6 +60,8 @@ from densevision.tiling.grid import Tile, TileGrid, axis_bounds
 # pixel of the image is in exactly one call; the sink owns the tensors (the logits of a cell no tile reached are a
 # read-only broadcast of one zero) and may give the logits' memory back with SegmentationStitcher.reuse.
 BlockSink = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+# sink(cell): one final cell reduced by the stitcher itself (a stitcher made with a Reduction).
+ReducedSink = Callable[["ReducedCell"], None]
 
 
 def block_edges(grid: TileGrid, blend: str) -> tuple[list[int], list[int]]:
@@ -173,6 +176,12 @@ class SegmentationStitcher:
     order (row, column) of the cells that the current ``add`` / ``skip`` completes. The sink owns the cell's tensors;
     :meth:`reuse` hands their memory back.
 
+    With ``reduction``, the stitcher reduces each final cell itself (:func:`reduce_cell`) and the sink gets the
+    :class:`ReducedCell` (``sink(cell)``); the cell's memory goes back to the stitcher at once. On the CPU a class map
+    without probabilities is then made in one pass with the cell's last contribution (:mod:`densevision.stitch.fused`):
+    the same class indices, without writing, dividing and re-reading the ``C x h x w`` sums, and without any sums for
+    a cell with one contributor.
+
     Example::
 
         sink = ClassMapSink(grid, writer)  # cells -> class map (on the device) -> writer windows
@@ -184,7 +193,14 @@ class SegmentationStitcher:
     """
 
     def __init__(
-        self, grid: TileGrid, num_classes: int, blend: str, sink: BlockSink, *, device: str | torch.device = "cpu"
+        self,
+        grid: TileGrid,
+        num_classes: int,
+        blend: str,
+        sink: BlockSink | ReducedSink,
+        *,
+        device: str | torch.device = "cpu",
+        reduction: Reduction | None = None,
     ) -> None:
         if num_classes < 1:
             raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
@@ -193,6 +209,11 @@ class SegmentationStitcher:
         self.num_classes = num_classes
         self.blend = check_blend(blend)
         self.sink = sink
+        self.reduction = reduction
+        if reduction is not None:
+            check_class_map(num_classes, reduction.nodata, reduction.dtype)
+        # The last contribution blended, normalised and reduced in one pass (see the class doc).
+        self._fused = reduction is not None and not reduction.probs and self.device.type == "cpu"
         t, crop = grid.tile, self.blend == "crop"
         self._xs, self._ys = grid.xs, grid.ys
         xb, yb = axis_bounds(self._xs, t, grid.width), axis_bounds(self._ys, t, grid.height)
@@ -282,9 +303,16 @@ class SegmentationStitcher:
                 ws, drop = ws * keep, ~keep
         self._seen[tile.index] = True
         rc, cc = self._row_cuts, self._col_cuts
+        last: tuple[np.ndarray, np.ndarray] | None = None  # the tile's logits and weights on the host, for fusing
         for i, j in self._cells_of(tile):
             a, b, p, q = rc[i] - y0, rc[i + 1] - y0, cc[j] - x0, cc[j + 1] - x0
             cell = self._cells.get((i, j))
+            if self._fused and self._left[i, j] == 1:
+                if last is None:
+                    last = self._host_tile(tile, logits, valid)
+                self._left[i, j] = 0
+                self._emit_fused(i, j, cell, last, (rc[i] - tile.y, cc[j] - tile.x))
+                continue
             # The first contribution is the sum so far (0 + x is x, but for -0: +0, which no output tells apart).
             acc, wsum = cell if cell is not None else self._new_cell(i, j)
             contrib = acc if cell is None else self._scratch(c, b - a, q - p)
@@ -297,6 +325,19 @@ class SegmentationStitcher:
                 acc.add_(contrib)
                 wsum.add_(ws[a:b, p:q])
             self._contributed(i, j)
+
+    def _host_tile(
+        self, tile: Tile, logits: torch.Tensor | np.ndarray, valid: np.ndarray | torch.Tensor | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``tile``'s ``C x T x T`` logits and ``T x T`` weights (its window, 0 where not valid) as C-contiguous
+        float32 arrays on the host (the stitcher's device: the CPU), for :func:`fused_class_map`."""
+        lg = _as_tensor(logits, torch.float32, self.device).contiguous().numpy()
+        weights = tile_window(self.blend, tile)
+        if valid is not None:
+            keep = valid.numpy() if isinstance(valid, torch.Tensor) else np.asarray(valid, dtype=bool)
+            if not keep.all():
+                weights = weights * keep
+        return lg, np.ascontiguousarray(weights, dtype=np.float32)
 
     def _scratch(self, c: int, h: int, w: int) -> torch.Tensor:
         """A ``c x h x w`` float32 buffer for one cell's products, reused (``C x T x T`` at most, held while the
@@ -347,7 +388,7 @@ class SegmentationStitcher:
     def _new_cell(self, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Cell ``(i, j)``'s accumulators at its first contribution, uninitialised: a final cell's, once the sink is
         done with them, or new."""
-        h, w = self._row_cuts[i + 1] - self._row_cuts[i], self._col_cuts[j + 1] - self._col_cuts[j]
+        h, w = self._shape(i, j)
         cell = self._cells[i, j] = (self._free.take((self.num_classes, h, w)), self._free_sums.take((h, w)))
         self._held += h * w
         self._max_held = max(self._max_held, self._held)
@@ -366,9 +407,12 @@ class SegmentationStitcher:
         self._left[i, j] -= 1
         if self._left[i, j]:
             return
-        y0, x0 = self._row_cuts[i], self._col_cuts[j]
-        h, w = self._row_cuts[i + 1] - y0, self._col_cuts[j + 1] - x0
-        cell = self._cells.pop((i, j), None)
+        y0, x0, (h, w) = *self._corner(i, j), self._shape(i, j)
+        cell = self._cells.get((i, j))
+        if self._fused and cell is not None:  # the last contributor was skipped: the sums alone, in one pass
+            self._emit_fused(i, j, cell, None, (0, 0))
+            return
+        self._cells.pop((i, j), None)
         if cell is None:  # every contributor was skipped: all nodata, nothing allocated
             logits = torch.zeros((), dtype=torch.float32, device=self.device).expand(self.num_classes, h, w)
             valid = torch.zeros((h, w), dtype=torch.bool, device=self.device)
@@ -378,10 +422,69 @@ class SegmentationStitcher:
             valid = wsum > 0
             logits.div_(torch.where(valid, wsum, 1.0))  # where no tile had weight the sums are +0: 0 / 1
             self._free_sums.give(wsum)  # on CUDA: reused after this, in stream order
+        self._sent(i)
+        r = self.reduction
+        if r is None:
+            cast(BlockSink, self.sink)(y0, x0, logits, valid)
+            return
+        reduced = reduce_cell(
+            y0, x0, logits, valid, probs=r.probs, nodata=r.nodata, dtype=r.dtype, probs_dtype=r.probs_dtype
+        )
+        self.reuse(logits)  # on CUDA: reused after the reduction, in stream order
+        cast(ReducedSink, self.sink)(reduced)
+
+    def _emit_fused(
+        self,
+        i: int,
+        j: int,
+        cell: tuple[torch.Tensor, torch.Tensor] | None,
+        last: tuple[np.ndarray, np.ndarray] | None,
+        at: tuple[int, int],
+    ) -> None:
+        """Cell ``(i, j)``, final, to the sink as a class map made in one pass (:func:`fused_class_map`) from its
+        sums so far (``cell``) and its last contribution (``last``: the tile's logits and weights, the cell at
+        ``at`` in the tile); its sums' memory back to the pools."""
+        r = self.reduction
+        assert r is not None
+        y0, x0, (h, w) = *self._corner(i, j), self._shape(i, j)
+        classes = torch.empty((h, w), dtype=r.dtype)
+        acc = wsum = None
+        if cell is not None:
+            del self._cells[i, j]
+            self._held -= h * w
+            acc, wsum = (t.numpy() for t in cell)
+        logits, weights = last if last is not None else (None, None)
+        finite = fused_class_map(
+            classes.numpy(), acc=acc, wsum=wsum, logits=logits, weights=weights, at=at, nodata=r.nodata
+        )
+        if cell is not None:
+            self._free.give(cell[0])
+            self._free_sums.give(cell[1])
+        self._sent(i)
+        cast(ReducedSink, self.sink)(ReducedCell(y0, x0, (h, w), classes, None, torch.tensor(finite), None))
+
+    def _corner(self, i: int, j: int) -> tuple[int, int]:
+        return self._row_cuts[i], self._col_cuts[j]
+
+    def _shape(self, i: int, j: int) -> tuple[int, int]:
+        return self._row_cuts[i + 1] - self._row_cuts[i], self._col_cuts[j + 1] - self._col_cuts[j]
+
+    def _sent(self, i: int) -> None:
+        """A cell of row ``i`` went to the sink."""
         self._unsent[i] -= 1
         while self._rows_sent < len(self._unsent) and self._unsent[self._rows_sent] == 0:
             self._rows_sent += 1
-        self.sink(y0, x0, logits, valid)
+
+
+def check_class_map(num_classes: int, nodata: int, dtype: torch.dtype) -> None:
+    """Raise :class:`ConfigError` unless class indices of ``num_classes`` classes (two for one sigmoid class) and
+    ``nodata`` fit ``dtype`` with ``nodata`` no class's index."""
+    info = torch.iinfo(dtype)
+    if not (max(num_classes, 2) <= nodata <= info.max):
+        raise ConfigError(
+            f"nodata {nodata} must not be a class index (0..{max(num_classes, 2) - 1}) and must fit {dtype} "
+            f"(<= {info.max}); use nodata={info.max} or a wider dtype"
+        )
 
 
 def class_map(
@@ -391,12 +494,7 @@ def class_map(
     ``argmax``), or ``logit > 0`` when ``C == 1`` (a sigmoid head); ``nodata`` where ``valid`` (``h x w`` bool) is
     False (whatever the logits are there)."""
     c = logits.shape[0]
-    info = torch.iinfo(dtype)
-    if not (max(c, 2) <= nodata <= info.max):
-        raise ConfigError(
-            f"nodata {nodata} must not be a class index (0..{max(c, 2) - 1}) and must fit {dtype} "
-            f"(<= {info.max}); use nodata={info.max} or a wider dtype"
-        )
+    check_class_map(c, nodata, dtype)
     if c == 1:
         classes = logits[0] > 0
     elif logits.device.type == "cpu":
@@ -457,6 +555,17 @@ def stored_probabilities(p: torch.Tensor, valid: torch.Tensor, dtype: torch.dtyp
         scaled = (p * UINT8_PROBABILITY_SCALE).round_()
         return scaled.masked_fill_(~valid, UINT8_PROBABILITY_NODATA).to(torch.uint8)
     return p.to(dtype)
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """What a stitcher's final cells are reduced to (see :func:`reduce_cell`): ``uint8`` (``dtype``) class indices
+    with ``nodata``, and with ``probs`` probabilities in ``probs_dtype``."""
+
+    probs: bool = False
+    nodata: int = 255
+    dtype: torch.dtype = torch.uint8
+    probs_dtype: torch.dtype = torch.float32
 
 
 @dataclass(eq=False)

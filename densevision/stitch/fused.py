@@ -1,0 +1,144 @@
+"""A cell's last step on the CPU in one pass: the last tile's blend, the normalisation and the class map.
+
+The stitcher's reference path (:class:`~densevision.stitch.segmentation.SegmentationStitcher` with a logits sink)
+writes each contribution into the cell's ``C x h x w`` accumulator (``acc += logits * w``), divides it by the weight
+sum, then reduces it to class indices: four or more passes over ``C x h x w`` float32, which on the CPU are memory
+traffic (150 classes: 120 MB per 448² cell, several times over). When only the class map is wanted, the last
+contribution needs none of them: per pixel
+
+    v_k = (acc_k + logits_k * w) / (wsum + w)        class = first k maximising v_k
+
+with the same float32 roundings in the same order (a product, a sum, a quotient; no fused multiply-add: numba does
+not contract without ``fastmath``), so the class map is bit-identical to the reference's. A cell with one
+contributor (most of the image under a smooth blend with a small overlap, all of it under ``crop``) never gets an
+accumulator at all: ``v_k = (logits_k * w) / w``. Where the total weight is 0 the class is ``nodata``; a product
+under weight 0 is +0 (NaN or garbage under padding must not leak). One flag rides along: whether every ``v_k`` is
+finite, the reference's check that logits were finite where a tile had weight.
+
+Layout: pixels are visited in bands of rows, classes in order within each band, so each class plane is read in
+contiguous runs and the running maximum stays in the L1 cache (a band of ``8 x w`` floats and indices); the inner
+loop over a row vectorises (numba's ``error_model="numpy"``: division by zero follows IEEE instead of raising).
+Single-threaded, without the GIL: the CPU's cores belong to the reader workers and the model.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_BAND = 8  # rows per band: 8 x 512 float32 running maxima and int32 indices fit the L1 cache with their inputs
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", inline="always")
+def _keep(v: float, x: int, k: int, best: np.ndarray, index: np.ndarray, bad: np.ndarray) -> None:
+    """Class ``k``'s value ``v`` at column ``x`` of a band row: it wins only when strictly greater (first maximum)."""
+    b = best[x]
+    wins = v > b
+    best[x] = v if wins else b
+    index[x] = k if wins else index[x]
+    bad[x] += v * np.float32(0.0)  # NaN once any value is not finite
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def _fused_class_map(
+    acc: np.ndarray,
+    wsum: np.ndarray,
+    logits: np.ndarray,
+    weights: np.ndarray,
+    r0: int,
+    c0: int,
+    has_acc: bool,
+    has_last: bool,
+    nodata: int,
+    out: np.ndarray,
+) -> bool:
+    h, w = out.shape
+    c = acc.shape[0] if has_acc else logits.shape[0]
+    sigmoid = c == 1  # one class: class 1 where the logit is > 0 (first maximum of [0, v])
+    best = np.empty((_BAND, w), np.float32)
+    index = np.empty((_BAND, w), np.int32)
+    div = np.empty((_BAND, w), np.float32)
+    total = np.empty((_BAND, w), np.float32)
+    bad = np.zeros(w, np.float32)
+    start = np.float32(0.0) if sigmoid else np.float32(-np.inf)
+    for band in range(0, h, _BAND):
+        rows = min(_BAND, h - band)
+        for i in range(rows):
+            r = band + i
+            for x in range(w):
+                if has_acc and has_last:
+                    t = wsum[r, x] + weights[r0 + r, c0 + x]
+                elif has_last:
+                    t = weights[r0 + r, c0 + x]
+                else:
+                    t = wsum[r, x]
+                total[i, x] = t
+                div[i, x] = t if t > 0 else np.float32(1.0)
+                best[i, x] = start
+                index[i, x] = 0
+        for k in range(c):
+            stored = np.int32(k + 1 if sigmoid else k)
+            for i in range(rows):
+                r, bi, ii, di = band + i, best[i], index[i], div[i]
+                if has_acc and has_last:
+                    for x in range(w):
+                        wx = weights[r0 + r, c0 + x]
+                        p = logits[k, r0 + r, c0 + x] * wx
+                        p = p if wx != 0 else np.float32(0.0)
+                        _keep((acc[k, r, x] + p) / di[x], x, stored, bi, ii, bad)
+                elif has_last:
+                    lk = logits[k, r0 + r, c0:]
+                    wk = weights[r0 + r, c0:]
+                    for x in range(w):
+                        wx = wk[x]
+                        p = lk[x] * wx
+                        p = p if wx != 0 else np.float32(0.0)
+                        _keep(p / di[x], x, stored, bi, ii, bad)
+                else:
+                    for x in range(w):
+                        _keep(acc[k, r, x] / di[x], x, stored, bi, ii, bad)
+        for i in range(rows):
+            for x in range(w):
+                out[band + i, x] = index[i, x] if total[i, x] > 0 else nodata
+    return (bad == 0).all()  # NaN != 0
+
+
+_NONE = np.zeros((1, 1, 1), np.float32)  # stands for an absent accumulator or last contribution
+
+
+def fused_class_map(
+    out: np.ndarray,
+    *,
+    acc: np.ndarray | None = None,
+    wsum: np.ndarray | None = None,
+    logits: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+    at: tuple[int, int] = (0, 0),
+    nodata: int = 255,
+) -> bool:
+    """Fill ``out`` (``h x w``, an integer dtype wide enough for the classes and ``nodata``) with the class map of a
+    cell's final blend; return whether every blended logit is finite.
+
+    Args:
+        acc, wsum: the cell's sums so far, ``C x h x w`` and ``h x w`` float32 (None: no earlier contribution).
+        logits, weights: the last contribution, a whole tile's ``C x T x T`` logits and ``T x T`` weights (0 where the
+            tile is not valid), float32 and C-contiguous; the cell is the ``h x w`` window of the tile at ``at`` =
+            (row, column) (None: the last contributor was skipped).
+    """
+    has_acc, has_last = acc is not None, logits is not None
+    if not (has_acc or has_last):
+        raise ValueError("fused_class_map needs sums so far, a last contribution, or both")
+    return bool(
+        _fused_class_map(
+            acc if acc is not None else _NONE,
+            wsum if wsum is not None else _NONE[0],
+            logits if logits is not None else _NONE,
+            weights if weights is not None else _NONE[0],
+            at[0],
+            at[1],
+            has_acc,
+            has_last,
+            nodata,
+            out,
+        )
+    )
