@@ -34,7 +34,7 @@ def run(classes: int, args: argparse.Namespace) -> str:
     def sink(y0: int, x0: int, logits: torch.Tensor, valid: torch.Tensor) -> None:
         nonlocal seconds_reducing
         t0 = time.perf_counter()
-        reduce_cell(y0, x0, logits, valid).result()
+        reduce_cell(y0, x0, logits, valid, probs=args.probs).result()
         seconds_reducing += time.perf_counter() - t0
         stitcher.reuse(logits)
 

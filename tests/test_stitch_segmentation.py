@@ -738,35 +738,52 @@ def test_cells_given_back_with_reuse_serve_later_cells_without_changing_a_bit(bl
 
 @pytest.mark.parametrize("blend", BLEND_MODES)
 @pytest.mark.parametrize("c", [1, 2, 19, 150])
-def test_cells_reduced_by_the_stitcher_give_the_reference_class_maps_bit_for_bit(blend, c):
-    # With a Reduction and no probabilities, the CPU makes each class map in one pass with the cell's last
-    # contribution (fused.py); with probabilities it reduces the normalised sums (reduce_cell). Both against the numpy
-    # stitcher's cells and argmax: ties everywhere (logits quantised to halves), NaN under padding, a hole of nodata,
-    # the last contributor of some cells skipped.
+def test_cells_reduced_by_the_stitcher_give_the_reference_class_maps_and_probabilities(blend, c):
+    # With a Reduction and no probabilities the CPU makes each class map in one pass with the cell's last
+    # contribution (fused.py); with probabilities it reduces the normalised sums (reduce_cell). Against the numpy
+    # stitcher's cells, argmax and softmax: ties everywhere (logits quantised to halves), NaN under padding, a hole of
+    # nodata, the last contributor of some cells skipped. Class maps to the bit; probabilities to an ulp of exp.
     grid = TileGrid(203, 157, 64, 24)
     preds = _predictions(grid, c, seed=c + 1)
-    ref: list[tuple[int, int, np.ndarray]] = []
-    old = reference.SegmentationStitcher(
-        grid, c, blend, lambda y0, x0, lg, v: ref.append((y0, x0, reference.class_map(lg, v)))
-    )
-    runs: dict[bool, list] = {False: [], True: []}
-    stitchers = [old] + [
-        SegmentationStitcher(grid, c, blend, runs[probs].append, reduction=Reduction(probs=probs)) for probs in runs
-    ]
-    assert [st._fused for st in stitchers[1:]] == [True, False]
+    ref: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+    old = reference.SegmentationStitcher(grid, c, blend, lambda y0, x0, lg, v: ref.append((y0, x0, lg, v)))
+    kinds = {
+        "classes": Reduction(),
+        "float32": Reduction(probs=True),
+        "uint8": Reduction(True, probs_dtype=torch.uint8),
+    }
+    runs: dict[str, list] = {kind: [] for kind in kinds}
+    stitchers = [old] + [SegmentationStitcher(grid, c, blend, runs[k].append, reduction=r) for k, r in kinds.items()]
     for tile, logits, valid, skipped in preds:
         for st in stitchers:
             st.skip(tile) if skipped else st.add(tile, logits if st is old else torch.from_numpy(logits), valid)
+    assert [st._fused for st in stitchers[1:]] == [True, False, False]
     for st in stitchers:
         st.finish()
-    assert (~np.concatenate([cmap.ravel() != 255 for *_, cmap in ref])).any()  # nodata was exercised
-    for probs, cells in runs.items():
-        assert [(cell.y0, cell.x0) for cell in cells] == [(y, x) for y, x, _ in ref]  # same cells, same order
-        for cell, (_, _, expected) in zip(cells, ref, strict=True):
+        assert st is old or st.held_pixels == 0
+    assert (~np.concatenate([v.ravel() for *_, v in ref])).any()  # nodata was exercised
+    worst = 0.0
+    for kind, cells in runs.items():
+        assert [(cell.y0, cell.x0) for cell in cells] == [(y, x) for y, x, *_ in ref]  # same cells, same order
+        for cell, (_, _, lg, v) in zip(cells, ref, strict=True):
             cmap, p = cell.result()
-            assert cmap.dtype == np.uint8 and (p is not None) == probs
-            np.testing.assert_array_equal(cmap, expected)
-        assert stitchers[1 + probs].held_pixels == 0
+            assert cmap.dtype == np.uint8
+            np.testing.assert_array_equal(cmap, reference.class_map(lg, v))
+            if kind == "classes":
+                assert p is None
+                continue
+            expected = np.moveaxis(reference.probabilities(lg, v), 0, -1)
+            assert p.shape == expected.shape and p.dtype == np.dtype(kind)
+            if kind == "uint8":
+                # round(p * 254), 255 where no tile had weight; an ulp of exp may move a value across a half
+                quantised = np.where(np.isnan(expected), 255, np.rint(np.nan_to_num(expected) * 254))
+                assert np.abs(p.astype(np.int16) - quantised).max(initial=0) <= 1
+                assert ((p == 255) == np.isnan(expected)).all()
+            else:
+                np.testing.assert_array_equal(np.isnan(p), np.isnan(expected))
+                worst = max(worst, float(np.nanmax(np.abs(p - expected), initial=0.0)))
+    print(f"largest probability difference, {blend}, K = {c}: {worst:.3g}")
+    assert worst <= 1e-6, worst
 
 
 def test_the_fused_class_map_holds_no_sums_for_cells_with_one_contributor():
