@@ -2,7 +2,8 @@
 
 - :mod:`~densevision.stitch.blend`: blend windows (``crop``, ``gaussian``, ``hann``, ``constant``).
 - :class:`SegmentationStitcher`: blended float32 accumulation of segmentation logits, each cell emitted as soon as
-  it is final; :class:`ClassMapSink`, :func:`class_map`, :func:`probabilities` turn cells into writer input.
+  it is final; :class:`ClassMapSink`, :func:`class_map`, :func:`probabilities` turn cells into writer input. On the
+  CPU, :mod:`~densevision.stitch.fused` makes a cell's class map in one pass with its last contribution.
 - :class:`DetectionMerger`: streaming NMS / NMM / greedy NMM of per-tile detections into whole objects.
 - :mod:`~densevision.stitch.instances`: masks to whole-image polygons (:func:`mask_to_polygons`), pieces of one
   object joined (:func:`merge_instance_polygons`), one window per merged box to prompt it in (:func:`prompt_windows`).
