@@ -828,3 +828,22 @@ def test_non_finite_logits_where_a_tile_is_valid_stop_a_reducing_stitcher(probs)
 def test_a_reducing_stitcher_refuses_a_nodata_that_is_a_class():
     with pytest.raises(ConfigError, match="nodata 2 must not be a class index"):
         SegmentationStitcher(TileGrid(100, 100, 64), 3, "crop", lambda cell: None, reduction=Reduction(nodata=2))
+
+
+def test_the_cell_pool_reuses_the_oldest_of_a_size_and_drops_the_oldest_of_all():
+    from densevision.stitch.segmentation import _BufferPool
+
+    pool = _BufferPool(limit=10, device=torch.device("cpu"))
+    a, b, c = torch.empty(4), torch.empty(3), torch.empty(4)
+    for t in (a, b, c):
+        pool.give(t)
+    assert pool.held == 11 - 4  # 4 + 3 + 4 > 10: the oldest (a) went
+    assert pool.take((2, 2)).data_ptr() == c.data_ptr()  # the 4-element one left
+    assert pool.take((4,)).data_ptr() not in (a.data_ptr(), b.data_ptr(), c.data_ptr())  # none left: new
+    d, e = torch.empty(3), torch.empty(5)
+    pool.give(d)
+    pool.give(e)  # 3 + 3 + 5 > 10: the oldest 3-element one (b) goes, not the newer d
+    assert pool.held == 8
+    assert pool.take((3,)).data_ptr() == d.data_ptr()
+    pool.give(torch.empty(11))  # larger than the pool: not kept
+    assert pool.held == 5

@@ -95,7 +95,11 @@ class _Outputs:
 
     def __call__(self, y0: int, x0: int, cmap: np.ndarray, probs: np.ndarray | None) -> None:
         self.tiles(y0, x0, cmap, *(() if probs is None else (probs,)))
-        self.counts += np.bincount(np.minimum(cmap, self.k).ravel(), minlength=self.k + 1)
+        # Counted over every byte value, then folded (nodata and anything above the classes into the last bin): a
+        # pass less than clipping first (16384 x 512 uint8: 38 ms against 59).
+        found = np.bincount(cmap.ravel(), minlength=self.k + 1)
+        self.counts[: self.k] += found[: self.k]
+        self.counts[self.k] += found[self.k :].sum()
         # The preview keeps the pixels on a grid of `step`: this block's first ones are at offsets (-y0, -x0) % step.
         r, c = -y0 % self.step, -x0 % self.step
         on_grid = cmap[r :: self.step, c :: self.step]

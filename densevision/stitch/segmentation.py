@@ -143,27 +143,36 @@ class _BufferPool:
 
     def __init__(self, limit: int, device: torch.device) -> None:
         self.limit, self.device = limit, device
-        self._free: collections.deque[torch.Tensor] = collections.deque()  # flat, oldest first
+        # Flat tensors by element count, oldest first; `order` holds their counts in the order given (the k-th n in
+        # it is the k-th tensor of n elements), so that the oldest of all is dropped first.
+        self._free: collections.defaultdict[int, collections.deque[torch.Tensor]] = collections.defaultdict(
+            collections.deque
+        )
+        self._order: collections.deque[int] = collections.deque()
         self.held = 0  # elements kept
 
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """A tensor of ``shape``, uninitialised: a freed one of as many elements, else new."""
+        """A tensor of ``shape``, uninitialised: the oldest freed one of as many elements, else new."""
         n = math.prod(shape)
-        for k, flat in enumerate(self._free):
-            if flat.numel() == n:
-                del self._free[k]
-                self.held -= n
-                return flat.view(shape)
+        same = self._free.get(n)
+        if same:
+            self._order.remove(n)  # its first n is this tensor's
+            self.held -= n
+            return same.popleft().view(shape)
         return torch.empty(shape, dtype=torch.float32, device=self.device)
 
     def give(self, tensor: torch.Tensor) -> None:
         """``tensor`` (contiguous, on the pool's device) is free for a later :meth:`take`."""
-        if tensor.numel() > self.limit:
+        n = tensor.numel()
+        if n > self.limit:
             return
-        self._free.append(tensor.view(-1))
-        self.held += tensor.numel()
+        self._free[n].append(tensor.view(-1))
+        self._order.append(n)
+        self.held += n
         while self.held > self.limit:
-            self.held -= self._free.popleft().numel()
+            oldest = self._order.popleft()
+            self._free[oldest].popleft()
+            self.held -= oldest
 
 
 class SegmentationStitcher:
