@@ -739,10 +739,10 @@ def test_cells_given_back_with_reuse_serve_later_cells_without_changing_a_bit(bl
 @pytest.mark.parametrize("blend", BLEND_MODES)
 @pytest.mark.parametrize("c", [1, 2, 19, 150])
 def test_cells_reduced_by_the_stitcher_give_the_reference_class_maps_and_probabilities(blend, c):
-    # With a Reduction and no probabilities the CPU makes each class map in one pass with the cell's last
-    # contribution (fused.py); with probabilities it reduces the normalised sums (reduce_cell). Against the numpy
-    # stitcher's cells, argmax and softmax: ties everywhere (logits quantised to halves), NaN under padding, a hole of
-    # nodata, the last contributor of some cells skipped. Class maps to the bit; probabilities to an ulp of exp.
+    # With a Reduction the CPU makes each class map in one pass with the cell's last contribution (fused.py), which
+    # leaves the normalised logits for the probabilities. Against the numpy stitcher's cells, argmax and softmax: ties
+    # everywhere (logits quantised to halves), NaN under padding, a hole of nodata, the last contributor of some cells
+    # skipped. Class maps to the bit; probabilities to an ulp of exp.
     grid = TileGrid(203, 157, 64, 24)
     preds = _predictions(grid, c, seed=c + 1)
     ref: list[tuple[int, int, np.ndarray, np.ndarray]] = []
@@ -757,7 +757,7 @@ def test_cells_reduced_by_the_stitcher_give_the_reference_class_maps_and_probabi
     for tile, logits, valid, skipped in preds:
         for st in stitchers:
             st.skip(tile) if skipped else st.add(tile, logits if st is old else torch.from_numpy(logits), valid)
-    assert [st._fused for st in stitchers[1:]] == [True, False, False]
+    assert [st._fused for st in stitchers[1:]] == [True, True, True]
     for st in stitchers:
         st.finish()
         assert st is old or st.held_pixels == 0
@@ -787,14 +787,15 @@ def test_cells_reduced_by_the_stitcher_give_the_reference_class_maps_and_probabi
 
 
 def test_the_fused_class_map_holds_no_sums_for_cells_with_one_contributor():
-    # Under crop every cell has one contributor: the fused stitcher never allocates an accumulator.
+    # Under crop every cell has one contributor: the fused stitcher never allocates an accumulator (a negative
+    # control: the stitcher that hands out logits does).
     grid = TileGrid(203, 157, 64, 24)
     st = SegmentationStitcher(grid, 3, "crop", lambda cell: None, reduction=Reduction())
     for tile, logits, valid, _ in _predictions(grid, 3, seed=1):
         st.add(tile, torch.from_numpy(logits), valid)
     st.finish()
     assert st.max_held_pixels == 0
-    negative = SegmentationStitcher(grid, 3, "crop", lambda cell: None, reduction=Reduction(probs=True))
+    negative = SegmentationStitcher(grid, 3, "crop", lambda *cell: None)
     negative.add(next(iter(grid)), torch.zeros((3, 64, 64)))
     assert negative.max_held_pixels > 0
 

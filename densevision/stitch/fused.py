@@ -51,6 +51,8 @@ def _fused_class_map(
     has_last: bool,
     nodata: int,
     out: np.ndarray,
+    has_values: bool,
+    values: np.ndarray,
 ) -> bool:
     h, w = out.shape
     c = acc.shape[0] if has_acc else logits.shape[0]
@@ -85,7 +87,10 @@ def _fused_class_map(
                         wx = weights[r0 + r, c0 + x]
                         p = logits[k, r0 + r, c0 + x] * wx
                         p = p if wx != 0 else np.float32(0.0)
-                        _keep((acc[k, r, x] + p) / di[x], x, stored, bi, ii, bad)
+                        v = (acc[k, r, x] + p) / di[x]
+                        _keep(v, x, stored, bi, ii, bad)
+                        if has_values:
+                            values[k, r, x] = v
                 elif has_last:
                     lk = logits[k, r0 + r, c0:]
                     wk = weights[r0 + r, c0:]
@@ -93,10 +98,16 @@ def _fused_class_map(
                         wx = wk[x]
                         p = lk[x] * wx
                         p = p if wx != 0 else np.float32(0.0)
-                        _keep(p / di[x], x, stored, bi, ii, bad)
+                        v = p / di[x]
+                        _keep(v, x, stored, bi, ii, bad)
+                        if has_values:
+                            values[k, r, x] = v
                 else:
                     for x in range(w):
-                        _keep(acc[k, r, x] / di[x], x, stored, bi, ii, bad)
+                        v = acc[k, r, x] / di[x]
+                        _keep(v, x, stored, bi, ii, bad)
+                        if has_values:
+                            values[k, r, x] = v
         for i in range(rows):
             for x in range(w):
                 out[band + i, x] = index[i, x] if total[i, x] > 0 else nodata
@@ -115,6 +126,7 @@ def fused_class_map(
     weights: np.ndarray | None = None,
     at: tuple[int, int] = (0, 0),
     nodata: int = 255,
+    values: np.ndarray | None = None,
 ) -> bool:
     """Fill ``out`` (``h x w``, an integer dtype wide enough for the classes and ``nodata``) with the class map of a
     cell's final blend; return whether every blended logit is finite.
@@ -124,6 +136,8 @@ def fused_class_map(
         logits, weights: the last contribution, a whole tile's ``C x T x T`` logits and ``T x T`` weights (0 where the
             tile is not valid), float32 and C-contiguous; the cell is the ``h x w`` window of the tile at ``at`` =
             (row, column) (None: the last contributor was skipped).
+        values: where to keep the blended, normalised logits too (``C x h x w`` float32, C-contiguous, not ``acc``),
+            e.g. for probabilities; None: not kept. 0 where no tile had weight.
     """
     has_acc, has_last = acc is not None, logits is not None
     if not (has_acc or has_last):
@@ -140,5 +154,7 @@ def fused_class_map(
             has_last,
             nodata,
             out,
+            values is not None,
+            values if values is not None else _NONE,
         )
     )

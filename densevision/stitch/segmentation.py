@@ -186,10 +186,10 @@ class SegmentationStitcher:
     :meth:`reuse` hands their memory back.
 
     With ``reduction``, the stitcher reduces each final cell itself (:func:`reduce_cell`) and the sink gets the
-    :class:`ReducedCell` (``sink(cell)``); the cell's memory goes back to the stitcher at once. On the CPU a class map
-    without probabilities is then made in one pass with the cell's last contribution (:mod:`densevision.stitch.fused`):
-    the same class indices, without writing, dividing and re-reading the ``C x h x w`` sums, and without any sums for
-    a cell with one contributor.
+    :class:`ReducedCell` (``sink(cell)``); the cell's memory goes back to the stitcher at once. On the CPU the class
+    map is then made in one pass with the cell's last contribution (:mod:`densevision.stitch.fused`): the same class
+    indices, without writing, dividing and re-reading the ``C x h x w`` sums, and without any sums for a cell with one
+    contributor; with probabilities, the same pass leaves the normalised logits for the softmax.
 
     Example::
 
@@ -222,7 +222,7 @@ class SegmentationStitcher:
         if reduction is not None:
             check_class_map(num_classes, reduction.nodata, reduction.dtype)
         # The last contribution blended, normalised and reduced in one pass (see the class doc).
-        self._fused = reduction is not None and not reduction.probs and self.device.type == "cpu"
+        self._fused = reduction is not None and self.device.type == "cpu"
         t, crop = grid.tile, self.blend == "crop"
         self._xs, self._ys = grid.xs, grid.ys
         xb, yb = axis_bounds(self._xs, t, grid.width), axis_bounds(self._ys, t, grid.height)
@@ -457,6 +457,7 @@ class SegmentationStitcher:
         assert r is not None
         y0, x0, (h, w) = *self._corner(i, j), self._shape(i, j)
         classes = torch.empty((h, w), dtype=r.dtype)
+        values = self._free.take((self.num_classes, h, w)) if r.probs else None  # the normalised logits
         acc = wsum = None
         if cell is not None:
             del self._cells[i, j]
@@ -464,13 +465,18 @@ class SegmentationStitcher:
             acc, wsum = (t.numpy() for t in cell)
         logits, weights = last if last is not None else (None, None)
         finite = fused_class_map(
-            classes.numpy(), acc=acc, wsum=wsum, logits=logits, weights=weights, at=at, nodata=r.nodata
-        )
+            classes.numpy(), acc=acc, wsum=wsum, logits=logits, weights=weights, at=at, nodata=r.nodata,
+            values=None if values is None else values.numpy(),
+        )  # fmt: skip
         if cell is not None:
             self._free.give(cell[0])
             self._free_sums.give(cell[1])
+        probs = None
+        if values is not None:
+            probs = stored_probabilities(values, classes != r.nodata, r.probs_dtype)  # nodata: no tile had weight
+            self._free.give(values)
         self._sent(i)
-        cast(ReducedSink, self.sink)(ReducedCell(y0, x0, (h, w), classes, None, torch.tensor(finite), None))
+        cast(ReducedSink, self.sink)(ReducedCell(y0, x0, (h, w), classes, probs, torch.tensor(finite), None))
 
     def _corner(self, i: int, j: int) -> tuple[int, int]:
         return self._row_cuts[i], self._col_cuts[j]
@@ -557,12 +563,13 @@ UINT8_PROBABILITY_SCALE = 254
 UINT8_PROBABILITY_NODATA = 255
 
 
-def stored_probabilities(p: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``p`` (from :func:`probabilities`, classes on the last or first axis; ``valid`` broadcast against it) in
-    the stored ``dtype``, on its device (see :data:`PROBABILITY_DTYPES`)."""
+def stored_probabilities(logits: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``h x w x C`` probabilities (:func:`probabilities`) of ``C x h x w`` blended logits, in the stored ``dtype``
+    (see :data:`PROBABILITY_DTYPES`), on their device."""
+    p = probabilities(logits, valid).permute(1, 2, 0)
     if dtype == torch.uint8:
         scaled = (p * UINT8_PROBABILITY_SCALE).round_()
-        return scaled.masked_fill_(~valid, UINT8_PROBABILITY_NODATA).to(torch.uint8)
+        return scaled.masked_fill_(~valid[..., None], UINT8_PROBABILITY_NODATA).to(torch.uint8)
     return p.to(dtype)
 
 
@@ -631,7 +638,7 @@ def reduce_cell(
         cmap = class_map(logits, valid, nodata, dtype) if classes else None
         p = None
         if probs:
-            p = stored_probabilities(probabilities(logits, valid).permute(1, 2, 0), valid[..., None], probs_dtype)
+            p = stored_probabilities(logits, valid, probs_dtype)
     out = [cmap, p, finite]
     copied = None
     if logits.device.type == "cuda":
