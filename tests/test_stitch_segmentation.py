@@ -848,3 +848,25 @@ def test_the_cell_pool_reuses_the_oldest_of_a_size_and_drops_the_oldest_of_all()
     assert pool.take((3,)).data_ptr() == d.data_ptr()
     pool.give(torch.empty(11))  # larger than the pool: not kept
     assert pool.held == 5
+
+
+def test_numba_is_imported_only_where_a_cpu_stitcher_reduces_cells():
+    # numba and its LLVM take 61 MiB and 0.1 s at import: detection, info and training never pay for them.
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+import densevision, densevision.apis.detect, densevision.cli
+from densevision.stitch.segmentation import Reduction, SegmentationStitcher
+from densevision.tiling.grid import TileGrid
+before = "numba" in sys.modules
+grid = TileGrid(64, 64, 64)
+tile, logits = next(iter(grid)), torch.zeros((2, 64, 64))
+SegmentationStitcher(grid, 2, "crop", lambda *a: None).add(tile, logits)
+logits_sink = "numba" in sys.modules
+SegmentationStitcher(grid, 2, "crop", lambda c: None, reduction=Reduction()).add(tile, logits)
+print(before, logits_sink, "numba" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "True"]

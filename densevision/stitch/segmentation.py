@@ -51,7 +51,6 @@ import torch
 
 from densevision.errors import ConfigError, InvalidRegionError
 from densevision.stitch.blend import check_blend, tile_window
-from densevision.stitch.fused import fused_class_map
 from densevision.tiling.grid import Tile, TileGrid, axis_bounds
 
 # sink(y0, x0, logits, valid): one final cell, rows [y0, y0 + h) x columns [x0, x0 + w), as tensors on the
@@ -464,6 +463,8 @@ class SegmentationStitcher:
             self._held -= h * w
             acc, wsum = (t.numpy() for t in cell)
         logits, weights = last if last is not None else (None, None)
+        from densevision.stitch.fused import fused_class_map  # numba (61 MiB) only where a CPU stitcher reduces
+
         finite = fused_class_map(
             classes.numpy(), acc=acc, wsum=wsum, logits=logits, weights=weights, at=at, nodata=r.nodata,
             values=None if values is None else values.numpy(),
