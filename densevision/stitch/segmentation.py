@@ -449,9 +449,9 @@ class SegmentationStitcher:
         last: tuple[np.ndarray, np.ndarray] | None,
         at: tuple[int, int],
     ) -> None:
-        """Cell ``(i, j)``, final, to the sink as a class map made in one pass (:func:`fused_class_map`) from its
+        """Cell ``(i, j)``, final, to the sink: its class map made in one pass (:func:`fused_class_map`) from its
         sums so far (``cell``) and its last contribution (``last``: the tile's logits and weights, the cell at
-        ``at`` in the tile); its sums' memory back to the pools."""
+        ``at`` in the tile), and with probabilities their softmax; its sums' memory back to the pools."""
         r = self.reduction
         assert r is not None
         y0, x0, (h, w) = *self._corner(i, j), self._shape(i, j)
