@@ -72,7 +72,7 @@ def main() -> None:
     p.add_argument("--classes", type=int, nargs="+", default=[2, 150])
     p.add_argument("--logits", choices=["random", "zeros"], default="random")
     p.add_argument("--blend", default="gaussian")
-    p.add_argument("--probs", action="store_true", help="reduce to probabilities too (the cells' sums, not fused)")
+    p.add_argument("--probs", action="store_true", help="reduce to probabilities too")
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--height", type=int, default=6144)
     p.add_argument("--tile", type=int, default=512)

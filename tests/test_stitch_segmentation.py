@@ -239,6 +239,17 @@ def test_a_band_with_every_tile_skipped_is_all_nodata():
     assert st.max_held_pixels == 0  # cells of skipped tiles only are never allocated
 
 
+def non_finite(cells) -> list[tuple[object, str]]:
+    """The reduced cells whose result raises, with the message."""
+    failed = []
+    for cell in cells:
+        try:
+            cell.result()
+        except InvalidRegionError as e:
+            failed.append((cell, str(e)))
+    return failed
+
+
 @pytest.mark.parametrize("garbage", [np.nan, np.inf, -np.inf])
 def test_nan_under_zero_weight_does_not_leak_but_nan_where_valid_is_an_error(garbage):
     grid = TileGrid(100, 50, 64, 16)
@@ -271,14 +282,10 @@ def test_nan_under_zero_weight_does_not_leak_but_nan_where_valid_is_an_error(gar
     st.add(tiles[0], np.ones((1, 64, 64), dtype=np.float32), valid)
     st.add(tiles[1], bad, valid)
     st.finish()
-    failed = []
-    for cell in cells:
-        try:
-            cell.result()
-        except InvalidRegionError as e:
-            assert "non-finite logits" in str(e) and "mark those pixels invalid" in str(e)
-            failed.append((cell.y0, cell.x0, cell.shape))
-    assert failed == [(0, 36, (50, 28))]  # the cell shared by both tiles: rows 0..50, columns 36..64
+    failed = non_finite(cells)
+    assert all("non-finite logits" in e and "mark those pixels invalid" in e for _, e in failed)
+    # the cell shared by both tiles: rows 0..50, columns 36..64
+    assert [(c.y0, c.x0, c.shape) for c, _ in failed] == [(0, 36, (50, 28))]
 
 
 # ---- 5. blocks as soon as they are final, bounded memory, feed orders -------------------------------------
@@ -813,12 +820,7 @@ def test_non_finite_logits_where_a_tile_is_valid_stop_a_reducing_stitcher(probs)
             logits[1, 40, 40] = float("inf")  # in the overlap with the first tile: a cell with two contributors
         st.add(tile, logits)
     st.finish()
-    bad = []
-    for cell in cells:
-        try:
-            cell.result()
-        except InvalidRegionError as e:
-            bad.append((cell, str(e)))
+    bad = non_finite(cells)
     assert len(bad) == 1
     cell, message = bad[0]
     y, x = inf_tile.y + 40, inf_tile.x + 40
