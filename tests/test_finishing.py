@@ -167,7 +167,7 @@ def test_work_folder_following_reads_rows_once_committed(tmp_path):
     parent.send("stop")  # row 1 never comes
     with pytest.raises(Stopped):
         next(blocks)
-    assert json.loads((tmp_path / "w" / "run.json").read_text()) == {"a": 1}
+    assert json.loads((tmp_path / "w" / "run.json").read_text()) == {"a": 1, "work_layout": BlockFolder.layout}
 
 
 GDAL_POOL_THEN_FORK = textwrap.dedent(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -144,36 +145,61 @@ def test_block_folder_commits_a_block_row_when_its_last_block_is_in_and_reads_co
     rows, cols = [0, 5, 12, 13], [0, 4, 9, 16]
     rng = np.random.default_rng(0)
     classes = rng.integers(0, 5, (13, 16), dtype=np.uint8)
-    probs = rng.random((13, 16, 3), dtype=np.float32)
+    probs = rng.random((3, 13, 16), dtype=np.float32)  # band-sequential
     store = BlockFolder(tmp_path / "w", {}, resume=False, rows=rows, cols=cols)
     blocks = [(k, c) for k in range(3) for c in range(3)]
     for n, i in enumerate([2, 0, 1, 4, 5, 3]):  # block rows 0 and 1, blocks in any order within a row
         (k, c) = blocks[i]
         window = np.s_[rows[k] : rows[k + 1], cols[c] : cols[c + 1]]
-        store.put(rows[k], cols[c], classes[window], probs[window])
+        store.put(rows[k], cols[c], classes[window], probs[(slice(None), *window)])
         assert store.done() == (n + 1) // 3  # committed only once its last block is in
         assert len(list((tmp_path / "w").glob("blocks-*.npz"))) == store.done()
+        assert len(list((tmp_path / "w").glob("probs-*.npy"))) == store.done()
     with pytest.raises(InvalidRegionError, match="put twice"):
-        store.put(5, 4, classes[5:12, 4:9], probs[5:12, 4:9])
+        store.put(5, 4, classes[5:12, 4:9], probs[:, 5:12, 4:9])
     with pytest.raises(InvalidRegionError, match="not the corner of a block"):
         store.put(12, 3, classes[12:, 3:9])
     with pytest.raises(InvalidRegionError, match="block \\(2, 0\\) is 4 x 1 pixels"):
         store.put(12, 0, classes[12:, :5])
-    store.put(12, 0, classes[12:, :4], probs[12:, :4])
+    with pytest.raises(InvalidRegionError, match=r"block \(2, 0\) is 4 x 1 pixels.*C x h x w"):
+        store.put(12, 0, classes[12:, :4], probs[:, 12:, :4].transpose(1, 2, 0))  # h x w x C: refused
+    store.put(12, 0, classes[12:, :4], probs[:, 12:, :4])
+    with pytest.raises(InvalidRegionError, match="probabilities for every block or none"):
+        store.put(12, 4, classes[12:, 4:9])
     store.close()  # an interrupted block row: not committed, redone on resume
+    assert (tmp_path / "w" / "probs-000002.npy.partial").is_file()
+    assert not (tmp_path / "w" / "probs-000002.npy").exists()
     store = BlockFolder(tmp_path / "w", {}, resume=True, rows=rows, cols=cols)
     assert store.done() == 2 and store.done(1) == 1 and store.done(2) == 0
-    for c in range(3):
-        store.put(12, cols[c], classes[12:, cols[c] : cols[c + 1]], probs[12:, cols[c] : cols[c + 1]])
+    for c in reversed(range(3)):
+        store.put(12, cols[c], classes[12:, cols[c] : cols[c + 1]], probs[:, 12:, cols[c] : cols[c + 1]])
     assert store.done() == 3
     got = list(store.blocks((1, 3)))  # block columns 1 and 2, row by row
     assert [(y, x) for y, x, *_ in got] == [(0, 4), (0, 9), (5, 4), (5, 9), (12, 4), (12, 9)]
     for y, x, cm, p in got:
         h, w = cm.shape
         np.testing.assert_array_equal(cm, classes[y : y + h, x : x + w])
-        np.testing.assert_array_equal(p, probs[y : y + h, x : x + w])
+        np.testing.assert_array_equal(p, probs[:, y : y + h, x : x + w])
+    # A row's probabilities are one .npy that numpy reads on its own: the blocks one after the other.
+    row = np.load(tmp_path / "w" / "probs-000001.npy")
+    assert row.dtype == np.float32 and row.size == 3 * 7 * 16
+    np.testing.assert_array_equal(row[: 3 * 7 * 4].reshape(3, 7, 4), probs[:, 5:12, :4])
     store.remove()
     assert not (tmp_path / "w").exists()
+
+
+def test_a_work_folder_of_another_layout_is_not_resumed(tmp_path):
+    from densevision.engine.workdir import BlockFolder
+    from densevision.errors import ConfigError
+
+    layout = {"rows": [0, 5], "cols": [0, 4]}
+    BlockFolder(tmp_path / "w", {"blend": "crop"}, resume=False, **layout)
+    run = tmp_path / "w" / "run.json"
+    meta = json.loads(run.read_text())
+    assert meta["work_layout"] == BlockFolder.layout
+    run.write_text(json.dumps({**meta, "work_layout": "npz blocks, h x w x C probabilities"}))  # an older release's
+    with pytest.raises(ConfigError, match="started with other work_layout"):
+        BlockFolder(tmp_path / "w", {"blend": "crop"}, resume=True, **layout)
 
 
 class _Conv(torch.nn.Module):

@@ -9,6 +9,7 @@ import pytest
 import rasterio
 import torch
 from affine import Affine
+from rasterio.enums import Interleaving
 
 from densevision import open_image, segment_image
 from densevision.errors import ConfigError
@@ -102,6 +103,7 @@ def test_probabilities_in_uint8_are_the_float32_ones_rounded(geotiff, tmp_path):
         with rasterio.open(summary["probabilities"]) as probs:
             assert probs.dtypes == (dtype,) * 4 and probs.transform == transform and probs.crs.to_epsg() == 32631
             assert probs.descriptions == ConvPredictor.class_names
+            assert probs.interleaving == Interleaving.band  # a class's band reads apart from the others
             stored[dtype] = (probs.read(), probs.nodata, probs.scales)
         with rasterio.open(tmp_path / "float32.tif") as a, rasterio.open(tmp_path / f"{dtype}.tif") as b:
             np.testing.assert_array_equal(a.read(), b.read())  # the same class map whatever the probabilities' dtype

@@ -392,7 +392,7 @@ def test_blocks_of_the_grid_are_final_once_their_tile_is_in(blend):
     def both(y0, x0, logits, valid):
         sink(y0, x0, logits, valid)
         h, w = valid.shape
-        asm(y0, x0, class_map(logits, valid).numpy(), np.moveaxis(sink.logits[:, y0 : y0 + h, x0 : x0 + w], 0, -1))
+        asm(y0, x0, class_map(logits, valid).numpy(), sink.logits[:, y0 : y0 + h, x0 : x0 + w])  # h x w, C x h x w
 
     st = SegmentationStitcher(grid, 2, blend, both)
     by_index = {t.index: (t, win, valid) for t, win, valid in windows(img, grid)}
@@ -408,8 +408,8 @@ def test_blocks_of_the_grid_are_final_once_their_tile_is_in(blend):
     asm.finish()
     assert asm.complete and asm.held_bytes == 0 and len(got) == len(grid)
     for y0, x0, lg in got:
-        h, w = lg.shape[:2]
-        np.testing.assert_array_equal(np.moveaxis(lg, -1, 0), sink.logits[:, y0 : y0 + h, x0 : x0 + w])
+        h, w = lg.shape[1:]
+        np.testing.assert_array_equal(lg, sink.logits[:, y0 : y0 + h, x0 : x0 + w])
 
 
 def test_block_assembler_block_rows_any_order_and_bad_use():
@@ -692,7 +692,7 @@ def test_the_device_stitcher_gives_the_numpy_stitchers_bits_on_the_cpu(blend, c)
         assert np.array_equal(lg2[:, v], lg[:, v])
         cmap, probs = cell.result()
         np.testing.assert_array_equal(cmap, reference.class_map(lg, v))
-        expected = np.moveaxis(reference.probabilities(lg, v), 0, -1)
+        expected = reference.probabilities(lg, v)  # C x h x w
         assert probs.shape == expected.shape and probs.dtype == np.float32
         np.testing.assert_array_equal(np.isnan(probs), np.isnan(expected))
         worst = max(worst, float(np.nanmax(np.abs(probs - expected), initial=0.0)))
@@ -779,7 +779,7 @@ def test_cells_reduced_by_the_stitcher_give_the_reference_class_maps_and_probabi
             if kind == "classes":
                 assert p is None
                 continue
-            expected = np.moveaxis(reference.probabilities(lg, v), 0, -1)
+            expected = reference.probabilities(lg, v)  # C x h x w
             assert p.shape == expected.shape and p.dtype == np.dtype(kind)
             if kind == "uint8":
                 # round(p * 254), 255 where no tile had weight; an ulp of exp may move a value across a half

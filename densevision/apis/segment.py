@@ -91,7 +91,7 @@ class _Outputs:
     def _write(self, y0: int, x0: int, cmap: np.ndarray, probs: np.ndarray | None = None) -> None:
         self.classes.write(cmap, x0, y0)
         if self.probs is not None and probs is not None:
-            self.probs.write(probs, x0, y0)
+            self.probs.write_bands(probs, x0, y0)
 
     def __call__(self, y0: int, x0: int, cmap: np.ndarray, probs: np.ndarray | None) -> None:
         self.tiles(y0, x0, cmap, *(() if probs is None else (probs,)))
@@ -389,6 +389,7 @@ class SegmentationTask(Task):
                 # Float probabilities barely compress (4096^2 x 5 softmax: 82 % of the raw size at level 6, 83 % at
                 # level 1, which is 2x faster).
                 compression_level=6 if quantised else 1,
+                interleave="band",  # as they come, C x h x w; a reader of one class reads its band only
             )  # fmt: skip
         outputs = _Outputs(classes, probs, k, width, height)
         cols = work.col_edges
@@ -410,7 +411,7 @@ class SegmentationTask(Task):
                 span = (bisect.bisect_right(cols, x0) - 1, bisect.bisect_left(cols, x1))
                 for by, bx, cmap, p in work.blocks(span):
                     a, b = max(x0, bx) - bx, min(x1, bx + cmap.shape[1]) - bx
-                    outputs(by, bx + a, cmap[:, a:b], None if p is None else p[:, a:b])
+                    outputs(by, bx + a, cmap[:, a:b], None if p is None else p[..., a:b])
                     if polygons is not None and one_pass:
                         polygons.add(by, bx, cmap)
             outputs.tiles.finish()
