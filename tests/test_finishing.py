@@ -105,7 +105,7 @@ def test_an_error_while_finishing_reaches_the_caller_typed_and_the_rows_stay(ras
 
     out = tmp_path / "run" / "seg.tif"
     with monkeypatch.context() as m:
-        m.setattr("densevision.apis.segment._write_preview", full)  # the forked finisher inherits it
+        m.setattr("densevision.apis.segment.save_preview", full)  # the forked finisher inherits it
         with pytest.raises(DiskFullError, match="no space left on device on /x"):
             segment_image(raster, out=out, predictor=_Conv(), **SEGMENT)
     # Nothing that looks finished; every row committed, so the resume only writes the outputs.

@@ -226,7 +226,7 @@ def test_uint16_rasters_are_stretched_to_the_8bit_range(tmp_path):
 def test_preview_paints_found_classes_and_leaves_background_and_nodata_unpainted(tmp_path):
     from PIL import Image
 
-    from densevision.apis.segment import NODATA, _write_preview
+    from densevision.apis.segment import NODATA, _Preview
     from densevision.io.source import Thumbnail
 
     base = np.zeros((4, 6, 3), np.uint8)
@@ -234,7 +234,7 @@ def test_preview_paints_found_classes_and_leaves_background_and_nodata_unpainted
     classes = np.array([[0, 1, 2, NODATA, 0, 1]] * 4, np.uint8)
     out = tmp_path / "p.png"
     thumb = Thumbnail(base, np.ones((4, 6), bool), (1.0, 1.0))
-    _write_preview(out, thumb, classes, ((9, 9, 9), (255, 0, 0), (0, 0, 255)), ["Background", "tumour", "stroma"])
+    _Preview(thumb, ((9, 9, 9), (255, 0, 0), (0, 0, 255)), ["Background", "tumour", "stroma"]).save(out, classes)
     got = np.asarray(Image.open(out)).astype(int)
     unpainted = np.isin(classes, [0, NODATA])
     assert np.abs(got[unpainted] - base[unpainted]).max() <= 1

@@ -25,7 +25,7 @@ import shapely
 import torch
 from PIL import Image, ImageDraw
 
-from densevision.apis.job import Job, Task, area_per_pixel, run_job, stretch_for_display
+from densevision.apis.job import Job, Task, area_per_pixel, run_job, save_preview, stretch_for_display
 from densevision.apis.settings import (
     DETECTION_TILING,
     Compute,
@@ -42,7 +42,7 @@ from densevision.engine.runner import BackgroundCalls, RunStats, TileRunner, bat
 from densevision.engine.workdir import RecordFolder, WorkFolder
 from densevision.errors import ConfigError
 from densevision.io import CocoResultsWriter, GeoJsonWriter, ImageSource
-from densevision.io.atomic import check_output_path, replacing
+from densevision.io.atomic import check_output_path
 from densevision.io.scaling import ValueScale
 from densevision.predictors.base import DetectionPredictor, TileDetections
 from densevision.stitch import DetectionMerger, Detections, merge_detections
@@ -431,8 +431,7 @@ class DetectionTask(Task):
             work.wait_until_complete()  # before the writers rename their files into place
         merge_seconds = time.perf_counter() - merge_started - sam_seconds
         preview_path = job.beside(".preview.png")
-        with replacing(preview_path) as tmp:
-            preview.save(tmp, format="PNG", compress_level=1)  # level 6: 2 % smaller, 1.6x the time
+        save_preview(preview_path, preview)
         area = area_per_pixel(src, 1.0)
         coordinates = (
             "level-0 pixels (QuPath)" if transform is None

@@ -24,7 +24,7 @@ import shapely
 import torch
 from PIL import Image
 
-from densevision.apis.job import PREVIEW_SIZE, Job, Task, area_per_pixel, run_job, stretch_for_display
+from densevision.apis.job import PREVIEW_SIZE, Job, Task, area_per_pixel, run_job, save_preview, stretch_for_display
 from densevision.apis.settings import (
     SEGMENTATION_TILING,
     Compute,
@@ -41,7 +41,7 @@ from densevision.engine.runner import BackgroundCalls, RunStats, TileRunner, bat
 from densevision.engine.workdir import BlockFolder, WorkFolder
 from densevision.errors import ConfigError
 from densevision.io import GeoJsonWriter, GeoTiffWriter, ImageSource, PyramidTiffWriter, Thumbnail, scale_transform
-from densevision.io.atomic import check_output_path, replacing
+from densevision.io.atomic import check_output_path
 from densevision.io.vectors import OgrWriter, vector_format
 from densevision.predictors.base import SegmentationPredictor
 from densevision.stitch import SegmentationStitcher
@@ -107,19 +107,22 @@ class _Outputs:
         self.preview[i : i + on_grid.shape[0], j : j + on_grid.shape[1]] = on_grid
 
 
-def _write_preview(
-    path: Path, thumb: Thumbnail, preview: np.ndarray, palette: tuple[tuple[int, int, int], ...], names: list[str]
-) -> None:
-    base = stretch_for_display(thumb.pixels)
-    size = (base.shape[1], base.shape[0])
-    classes = np.asarray(Image.fromarray(preview).resize(size, Image.Resampling.NEAREST))
-    colours = np.array([*palette, (0, 0, 0)] + [(0, 0, 0)] * (256 - len(palette) - 1), dtype=np.float32)
-    painted = np.ones(256, bool)
-    painted[NODATA] = False
-    painted[[i for i, name in enumerate(names) if name.lower() in UNPAINTED]] = False
-    overlay = np.where(painted[classes][..., None], 0.55 * base + 0.45 * colours[classes], base)
-    with replacing(path) as tmp:
-        Image.fromarray(overlay.astype(np.uint8)).save(tmp, format="PNG")
+class _Preview:
+    """The class map's overlay on the thumbnail: the thumbnail stretched when made (before the blocks come, beside
+    the prediction), the classes painted on it once the class map's preview pixels are all in."""
+
+    def __init__(self, thumb: Thumbnail, palette: tuple[tuple[int, int, int], ...], names: list[str]) -> None:
+        self.base = stretch_for_display(thumb.pixels)
+        self.colours = np.array([*palette, (0, 0, 0)] + [(0, 0, 0)] * (256 - len(palette) - 1), dtype=np.float32)
+        self.painted = np.ones(256, bool)
+        self.painted[NODATA] = False
+        self.painted[[i for i, name in enumerate(names) if name.lower() in UNPAINTED]] = False
+
+    def save(self, path: Path, preview: np.ndarray) -> None:
+        base = self.base
+        classes = np.asarray(Image.fromarray(preview).resize((base.shape[1], base.shape[0]), Image.Resampling.NEAREST))
+        overlay = np.where(self.painted[classes][..., None], 0.55 * base + 0.45 * self.colours[classes], base)
+        save_preview(path, Image.fromarray(overlay.astype(np.uint8)))
 
 
 def traced_classes(names: list[str], exclude: tuple[str, ...] | None) -> list[int]:
@@ -391,6 +394,7 @@ class SegmentationTask(Task):
                 compression_level=6 if quantised else 1,
                 interleave="band",  # as they come, C x h x w; a reader of one class reads its band only
             )  # fmt: skip
+        painter = _Preview(job.thumb, predictor.palette, names)
         outputs = _Outputs(classes, probs, k, width, height)
         cols = work.col_edges
         polygons = None
@@ -425,7 +429,7 @@ class SegmentationTask(Task):
             # Before the writers rename their files into place: a failure here leaves nothing that looks finished.
             work.wait_until_complete()
             preview_path = job.beside(".preview.png")
-            _write_preview(preview_path, job.thumb, outputs.preview, predictor.palette, names)
+            painter.save(preview_path, outputs.preview)
         area = area_per_pixel(src, d)
         counts = outputs.counts
         s = self.settings
