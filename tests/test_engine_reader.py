@@ -99,6 +99,24 @@ def test_reader_runs_keep_each_worker_on_the_same_columns_row_after_row():
     assert columns[1][0] == {2, 3} and columns[2] == [set(), {5}, set(), set(), set(), set()]
 
 
+def test_reader_runs_cut_an_interleaved_pair_of_rows_into_bands_of_both_rows():
+    # 8192² at 512 / 64: 19 columns, the last row shifted inward, so the stitching order feeds the last two rows
+    # column by column. Their runs hold both rows' tiles of adjacent columns, none empty, none longer than allowed;
+    # the single rows before them keep their bands.
+    grid = TileGrid(8192, 8192, 512, overlap=64)
+    tiles = stitch_order(grid)
+    pair = [t.row for t in tiles[-4:]]
+    assert pair == [17, 18, 17, 18]  # interleaved (checked, not assumed)
+    runs = reader_runs(tiles, 2, most=8)
+    assert [i for run in runs for i in run] == list(range(len(tiles)))
+    single = [run for run in runs if run and tiles[run[0]].row < 17]
+    paired = [run for run in runs if run and tiles[run[0]].row >= 17]
+    assert len(runs) == len(single) + len(paired)  # no empty run anywhere
+    assert all(len(run) <= 8 for run in runs) and len(single) == 17 * 4
+    assert all({tiles[i].row for i in run} == {17, 18} for run in paired)
+    assert [sorted({tiles[i].col for i in run}) for run in paired][:2] == [[0, 1, 2, 3], [4, 5, 6]]
+
+
 def test_inflating_checks_the_adler32_and_leaves_the_last_word_to_zlib():
     data = np.arange(64 * 64 * 3, dtype=np.uint8).tobytes()
     stream = zlib.compress(data)

@@ -9,6 +9,7 @@ and the ring of slots the tiles come back in (:class:`_Slots`). Each worker read
 
 from __future__ import annotations
 
+import collections
 import itertools
 import mmap
 import os
@@ -197,22 +198,34 @@ RUN_TILES = 8  # the most tiles a reader worker reads as one run (each worker ho
 
 
 def reader_runs(tiles: Sequence[Tile], workers: int, most: int = RUN_TILES) -> list[list[int]]:
-    """Positions in ``tiles`` (row-major, as a run predicts them) grouped into runs for ``workers`` processes.
+    """Positions in ``tiles`` (as a run predicts them: :func:`~densevision.stitch.segmentation.stitch_order`) grouped
+    into runs for ``workers`` processes.
 
-    Each tile row is cut into the same number of runs of adjacent columns, a multiple of ``workers`` and at most
-    ``most`` tiles each, and a DataLoader hands run ``k`` to worker ``k % workers``: every worker reads the same
-    columns row after row. Image blocks that neighbouring tiles share are then decoded by one process, from its
-    own block cache, not by each worker in turn (one batch to each, the DataLoader's way, has every worker decode
-    nearly every block). Runs that a row's skipped tiles leave empty are kept, to keep that rhythm."""
+    The tiles go in stretches along the columns: a tile row, or an interleaved pair of rows (``(r, 0), (r + 1, 0),
+    (r, 1), ...``); a stretch ends where the column goes back. Each stretch is cut into bands of adjacent columns,
+    as many as the stretch needs for runs of at most ``most`` tiles, rounded up to a multiple of ``workers``, and a
+    DataLoader hands run ``k`` to worker ``k % workers``: row after row, every worker reads the same columns. Image
+    blocks that neighbouring tiles share are then decoded by one process, from its own block cache, not by each
+    worker in turn (one batch to each, the DataLoader's way, has every worker decode nearly every block). Bands that
+    a row's skipped tiles leave empty are kept as empty runs, to keep that rhythm. A pair of rows is cut into bands
+    holding both rows' tiles: cut as single rows, three runs in four were empty there, and the queues the workers
+    fill held one tile each (the last two rows of an 8192² image waited 0.35 s for tiles, measured)."""
     if not tiles:
         return []
     columns = max(t.col for t in tiles) + 1
-    per_row = workers * -(-columns // (workers * most))
+    stretch: list[int] = []  # the stretch of each tile
+    previous = -1
+    for t in tiles:
+        stretch.append((stretch[-1] if stretch else 0) + (t.col < previous))
+        previous = t.col
     runs: list[list[int]] = []
-    for _, positions in itertools.groupby(range(len(tiles)), key=lambda i: tiles[i].row):
-        row: list[list[int]] = [[] for _ in range(per_row)]
+    for _, group in itertools.groupby(range(len(tiles)), key=stretch.__getitem__):
+        positions = list(group)
+        depth = max(collections.Counter(tiles[i].col for i in positions).values())  # 2 for a pair of rows
+        bands = workers * -(-columns * depth // (workers * most))
+        row: list[list[int]] = [[] for _ in range(bands)]
         for i in positions:
-            row[tiles[i].col * per_row // columns].append(i)
+            row[tiles[i].col * bands // columns].append(i)
         runs.extend(row)
     return runs
 
