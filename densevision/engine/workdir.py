@@ -265,8 +265,7 @@ class _OpenRow:
         self.probs = open(path, "wb")  # noqa: SIM115 (closed by close)
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (size,)}
         np.lib.format.write_array_header_1_0(self.probs, header)
-        self._data = self.probs.tell()
-        self.probs.truncate(self._data + size * self.dtype.itemsize)  # the blocks go in wherever they fall
+        self._data = self.probs.tell()  # the blocks go in wherever they fall; all of them before the row commits
 
     def write_probs(self, values: np.ndarray, at: int) -> None:
         """``values`` at the ``at``-th value of the flat array."""
