@@ -148,6 +148,52 @@ def test_geotiff_cog_layout(tmp_path: Path, rgb_byte: rasterio.DatasetReader, dt
         assert not np.isin(overview, np.arange(5) / 4).all()
 
 
+@pytest.mark.parametrize("how", ["once", "a window twice", "pixels never written"])
+def test_a_class_map_cogs_overviews_are_built_as_its_windows_come(
+    tmp_path: Path, rgb_byte: rasterio.DatasetReader, how: str
+) -> None:
+    # Every pixel once: the overviews are the class map halved by mode level after level (the pyramid TIFF's
+    # halving), staged as the windows come, and the COG copy takes them as they are, with the colour table, nodata,
+    # class names and georeferencing of the class map. Otherwise GDAL computes them at close, as before.
+    data = class_map()
+    names = ["background", "water", "field", "forest", "urban"]
+    out = tmp_path / "cog.tif"
+    geo = {"crs": rgb_byte.crs, "transform": rgb_byte.transform}
+    with GeoTiffWriter(
+        out, W, H, 1, np.uint8, nodata=255, colormap={1: (0, 0, 255, 255)}, class_names=names, block_size=128,
+        cog=True, **geo,
+    ) as w:  # fmt: skip
+        for x, y, ww, wh in windows(H, W):
+            if how == "pixels never written" and (x, y) == (0, 0):
+                continue
+            w.write(data[y : y + wh, x : x + ww], x, y)
+        if how == "a window twice":
+            w.write(data[:110, :150], 0, 0)
+        staged = sorted(p.name for p in tmp_path.iterdir() if ".ov" in p.name)
+        levels_staged = ["cog.tif.ov1.partial", "cog.tif.ov2.partial", "cog.tif.ov3.partial"]
+        assert staged == ([] if how == "a window twice" else levels_staged)
+    assert sorted(os.listdir(tmp_path)) == ["cog.tif"]  # no staging file, no VRT left
+    expected = data.copy()
+    if how == "pixels never written":
+        expected[:110, :150] = 255  # nodata
+    levels = [expected[..., None]]
+    for _ in range(3):
+        levels.append(halve(levels[-1], "mode"))
+    with rasterio.open(out) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and ds.overviews(1) == [2, 4, 8]
+        assert ds.crs == rgb_byte.crs and ds.transform == rgb_byte.transform and ds.nodata == 255
+        assert ds.colormap(1)[1] == (0, 0, 255, 255) and json.loads(ds.tags()["CLASS_NAMES"])["4"] == "urban"
+        np.testing.assert_array_equal(ds.read(1), expected)
+    for i in range(3):
+        with rasterio.open(out, overview_level=i) as ov:
+            got = ov.read(1)
+        assert set(np.unique(got)) <= {*range(5), 255}
+        if how == "once":
+            np.testing.assert_array_equal(got, levels[i + 1][..., 0])  # ceil(size / 2) a level, as in a pyramid TIFF
+        else:  # GDAL's own: floor(size / 2) here
+            assert got.shape == (H >> (i + 1), W >> (i + 1))
+
+
 def test_geotiff_rejects_bad_windows(tmp_path: Path) -> None:
     with GeoTiffWriter(tmp_path / "x.tif", 100, 80, 2, np.uint8) as w:
         with pytest.raises(InvalidRegionError, match="leaves the 100 x 80 output"):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import numpy as np
 import rasterio
@@ -20,8 +22,17 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from densevision.errors import ConfigError, DenseVisionError, InvalidRegionError, OutputError
-from densevision.io.atomic import AtomicWriter, as_output_error, disk_errors, disk_is_full, remove_quietly, sibling
+from densevision.io.atomic import (
+    WRITE_ERRORS,
+    AtomicWriter,
+    as_output_error,
+    disk_errors,
+    disk_is_full,
+    remove_quietly,
+    sibling,
+)
 from densevision.io.decode import check_tiff_extents
+from densevision.io.writers.levels import Pyramid
 
 
 def check_written_tiff(path: os.PathLike[str] | str, size: tuple[int, int]) -> None:
@@ -199,6 +210,14 @@ class GeoTiffWriter(AtomicWriter):
             if disk_is_full(e, self.partial):
                 raise as_output_error(e, self.partial) from e
             raise OutputError(f"{self.path}: cannot create the GeoTIFF ({e}); check the path and the options") from e
+        # A single-band uint8 COG (a class map) gets its overviews built as its windows come, not by GDAL at close.
+        self._overviews: _Overviews | None = None
+        if cog and self.count == 1 and self.dtype == np.uint8 and self.overview_resampling == "mode":
+            try:
+                self._overviews = _Overviews(self.path, self.width, self.height, block_size, profile)
+            except BaseException:
+                self.abort()
+                raise
         try:
             if colormap is not None:
                 self._ds.write_colormap(1, {int(k): tuple(int(c) for c in v) for k, v in colormap.items()})
@@ -247,6 +266,12 @@ class GeoTiffWriter(AtomicWriter):
         a = cast_window(a, self.dtype, where)
         with disk_errors(self.partial):
             self._ds.write(a, window=Window(x, y, w, h))
+        if self._overviews is not None:
+            try:
+                self._overviews.put(a[0], x, y)
+            except InvalidRegionError:  # a pixel written twice: GDAL computes the overviews at close instead
+                self._overviews.discard()
+                self._overviews = None
 
     def _finish(self) -> None:
         with disk_errors(self.partial):
@@ -255,24 +280,30 @@ class GeoTiffWriter(AtomicWriter):
         check_written_tiff(self.partial, (self.width, self.height))
         if not self.cog:
             return
+        source, overviews = self.partial, "AUTO"  # AUTO: GDAL computes them
         try:
+            if self._overviews is not None and self._overviews.complete:
+                source, overviews = self._overviews.finish(self.partial), "FORCE_USE_EXISTING"
             rasterio.shutil.copy(
-                self.partial,
+                source,
                 self._cog_partial,
                 driver="COG",
                 BLOCKSIZE=self.block_size,
                 COMPRESS="DEFLATE",
                 LEVEL=self.compression_level,
                 PREDICTOR="YES",
-                INTERLEAVE=self.interleave.upper(),
                 RESAMPLING=self.overview_resampling.upper(),
                 BIGTIFF="IF_SAFER",
                 NUM_THREADS=compression_threads(),
+                OVERVIEWS=overviews,
             )
         except (RasterioError, CPLE_BaseError) as e:
             if disk_is_full(e, self._cog_partial):
                 raise as_output_error(e, self._cog_partial) from e
             raise OutputError(f"{self.path}: converting to a Cloud-Optimized GeoTIFF failed: {e}") from e
+        finally:
+            if self._overviews is not None:
+                self._overviews.discard()
         check_written_tiff(self._cog_partial, (self.width, self.height))
         os.replace(self._cog_partial, self.partial)
 
@@ -281,3 +312,68 @@ class GeoTiffWriter(AtomicWriter):
             self._ds.close()
         finally:
             remove_quietly(self._cog_partial)
+            if self._overviews is not None:
+                self._overviews.discard()
+
+
+class _Overviews:
+    """A class map's overviews for its COG, built as its windows come: each complete block is halved by ``mode``
+    (:class:`~densevision.io.writers.levels.Pyramid`) into a staging GeoTIFF per overview level beside the output.
+    At close a VRT of the staged class map names them as its overviews, and the COG driver copies them
+    (``OVERVIEWS=FORCE_USE_EXISTING``) instead of computing them: 8192^2 class map, the COG copy 0.58 s -> 0.30 s;
+    16384^2 2.73 s -> 1.0 s (benchmarks/BENCHMARKS.md). Needs every pixel written exactly once (else GDAL computes
+    them, as before)."""
+
+    def __init__(self, path: Path, width: int, height: int, block_size: int, profile: dict[str, Any]) -> None:
+        self.pyramid = Pyramid(width, height, 1, block_size, "mode", self._put)
+        self.paths = [sibling(path, f".ov{i}.partial") for i in range(1, len(self.pyramid.dimensions))]
+        self.vrt = sibling(path, ".vrt.partial")
+        plain = {k: v for k, v in profile.items() if k not in ("crs", "transform")}  # the VRT places them
+        self.datasets = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            for p, (w, h) in zip(self.paths, self.pyramid.dimensions[1:], strict=True):
+                self.datasets.append(rasterio.open(p, "w", **{**plain, "width": w, "height": h}))
+
+    @property
+    def complete(self) -> bool:
+        return self.pyramid.complete
+
+    def put(self, a: np.ndarray, x: int, y: int) -> None:
+        """Level-0 pixels ``h x w`` at ``(x, y)``."""
+        self.pyramid.put(a[..., None], x, y)
+
+    def _put(self, level: int, tx: int, ty: int, tile: np.ndarray) -> None:
+        if level == 0:  # level 0 is the output's own, written by GDAL
+            return
+        lv = self.pyramid.levels[level]
+        t = lv.tile_size
+        h, w = min(t, lv.height - ty * t), min(t, lv.width - tx * t)
+        with disk_errors(self.paths[level - 1]):
+            self.datasets[level - 1].write(tile[:h, :w, 0], 1, window=Window(tx * t, ty * t, w, h))
+
+    def finish(self, staged: Path) -> Path:
+        """Close the levels; write and return a VRT of ``staged`` (the level-0 GeoTIFF: its georeferencing, colour
+        table, nodata and metadata) whose band has the levels as overviews."""
+        for p, ds in zip(self.paths, self.datasets, strict=True):
+            with disk_errors(p):
+                ds.close()
+            check_written_tiff(p, (ds.width, ds.height))
+        rasterio.shutil.copy(staged, self.vrt, driver="VRT")
+        tree = ElementTree.parse(self.vrt)
+        band = tree.getroot().find("VRTRasterBand")
+        assert band is not None
+        for p in self.paths:
+            overview = ElementTree.SubElement(band, "Overview")
+            ElementTree.SubElement(overview, "SourceFilename", relativeToVRT="1").text = p.name
+            ElementTree.SubElement(overview, "SourceBand").text = "1"
+        with disk_errors(self.vrt):
+            tree.write(self.vrt)
+        return self.vrt
+
+    def discard(self) -> None:
+        for ds in self.datasets:
+            with contextlib.suppress(*WRITE_ERRORS):
+                ds.close()
+        for p in (*self.paths, self.vrt):
+            remove_quietly(p)
