@@ -116,6 +116,8 @@ class GeoTiffWriter(AtomicWriter):
 
     With ``cog=True``, :meth:`close` converts the result to a Cloud-Optimized GeoTIFF with internal overviews
     (resampling "mode" for integer class maps, "average" for floats unless ``overview_resampling`` says otherwise).
+    A single-band uint8 map with "mode" has its overviews built as the windows come (see :class:`_Overviews`) when
+    every pixel is written exactly once; otherwise GDAL computes them at close.
     """
 
     def __init__(
