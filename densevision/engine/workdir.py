@@ -185,7 +185,8 @@ class BlockFolder(WorkFolder):
             self._failed = " ".join(str(e).split()) or type(e).__name__
             row = self._open.pop(k, None)
             if row is not None:
-                row.close()
+                with contextlib.suppress(*WRITE_ERRORS):  # closing may fail the same way: the error is the first
+                    row.close()
             remove_quietly(self.partial(k))
             remove_quietly(sibling(self.probs_path(k), ".partial"))
             raise
