@@ -209,7 +209,7 @@ def reader_runs(tiles: Sequence[Tile], workers: int, most: int = RUN_TILES) -> l
     worker in turn (one batch to each, the DataLoader's way, has every worker decode nearly every block). Bands that
     a row's skipped tiles leave empty are kept as empty runs, to keep that rhythm. A pair of rows is cut into bands
     holding both rows' tiles: cut as single rows, three runs in four were empty there, and the queues the workers
-    fill held one tile each (the last two rows of an 8192² image waited 0.35 s for tiles, measured)."""
+    fill held one tile each (8192², null model: waiting for tiles 0.7 -> 0.45 s in all, measured)."""
     if not tiles:
         return []
     columns = max(t.col for t in tiles) + 1

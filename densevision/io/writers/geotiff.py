@@ -151,7 +151,7 @@ class GeoTiffWriter(AtomicWriter):
             tags: extra dataset metadata (``key=value`` strings).
             scale: every band's GDAL scale (stored values times ``scale`` are the real ones), or None.
             block_size: tile edge in pixels, a multiple of 16.
-            interleave: ``"pixel"`` (GDAL's default: a tile holds every band) or ``"band"``. 8192^2 x 5 float32
+            interleave: ``"pixel"`` (GDAL's default: a tile holds every band) or ``"band"``. 4096^2 x 5 float32
                 probabilities, deflate level 1 with the float predictor: band 66 % of the raw size at 143 MB/s of
                 CPU, pixel 72 % at 127 MB/s (benchmarks/BENCHMARKS.md).
         """
@@ -322,8 +322,8 @@ class _Overviews:
     """A class map's overviews for its COG, built as its windows come: each complete block is halved by ``mode``
     (:class:`~densevision.io.writers.levels.Pyramid`) into a staging GeoTIFF per overview level beside the output.
     At close a VRT of the staged class map names them as its overviews, and the COG driver copies them
-    (``OVERVIEWS=FORCE_USE_EXISTING``) instead of computing them: 8192^2 class map, the COG copy 0.58 s -> 0.30 s;
-    16384^2 2.73 s -> 1.0 s (benchmarks/BENCHMARKS.md). Needs every pixel written exactly once (else GDAL computes
+    (``OVERVIEWS=FORCE_USE_EXISTING``) instead of computing them: 8192^2 class map, the COG copy 0.69 s -> 0.20 s;
+    16384^2 2.62 s -> 0.80 s (benchmarks/BENCHMARKS.md). Needs every pixel written exactly once (else GDAL computes
     them, as before)."""
 
     def __init__(self, path: Path, width: int, height: int, block_size: int, profile: dict[str, Any]) -> None:
