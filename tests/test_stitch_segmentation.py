@@ -660,6 +660,15 @@ def _predictions(grid: TileGrid, c: int, seed: int):
     return out
 
 
+def _split_every_cell(monkeypatch):
+    """Every cell cut into one-row bands shared with two helper threads (densevision.stitch.rows), however small."""
+    from densevision.stitch import rows
+
+    monkeypatch.setattr(rows, "SPLIT_ELEMENTS", 0)
+    monkeypatch.setattr(rows, "BAND_ELEMENTS", 1)
+    monkeypatch.setattr(rows, "helpers", lambda: 2)
+
+
 @pytest.mark.parametrize("blend", BLEND_MODES)
 @pytest.mark.parametrize("c", [1, 2, 150])  # 150: ADE20k's classes
 def test_the_device_stitcher_gives_the_numpy_stitchers_bits_on_the_cpu(blend, c):
@@ -745,11 +754,14 @@ def test_cells_given_back_with_reuse_serve_later_cells_without_changing_a_bit(bl
 
 @pytest.mark.parametrize("blend", BLEND_MODES)
 @pytest.mark.parametrize("c", [1, 2, 19, 150])
-def test_cells_reduced_by_the_stitcher_give_the_reference_class_maps_and_probabilities(blend, c):
+@pytest.mark.parametrize("split", [False, True], ids=["one-thread", "rows-split"])
+def test_cells_reduced_by_the_stitcher_give_the_reference_class_maps_and_probabilities(blend, c, split, monkeypatch):
     # With a Reduction the CPU makes each class map in one pass with the cell's last contribution (fused.py), which
     # leaves the normalised logits for the probabilities. Against the numpy stitcher's cells, argmax and softmax: ties
     # everywhere (logits quantised to halves), NaN under padding, a hole of nodata, the last contributor of some cells
-    # skipped. Class maps to the bit; probabilities to an ulp of exp.
+    # skipped. Class maps to the bit; probabilities to an ulp of exp. Split: each cell's rows shared between threads.
+    if split:
+        _split_every_cell(monkeypatch)
     grid = TileGrid(203, 157, 64, 24)
     preds = _predictions(grid, c, seed=c + 1)
     ref: list[tuple[int, int, np.ndarray, np.ndarray]] = []

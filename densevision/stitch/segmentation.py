@@ -40,6 +40,7 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -51,6 +52,7 @@ import torch
 
 from densevision.errors import ConfigError, InvalidRegionError
 from densevision.stitch.blend import check_blend, tile_window
+from densevision.stitch.rows import by_rows
 from densevision.tiling.grid import Tile, TileGrid, axis_bounds
 
 # sink(y0, x0, logits, valid): one final cell, rows [y0, y0 + h) x columns [x0, x0 + w), as tensors on the
@@ -294,6 +296,10 @@ class SegmentationStitcher:
             )
         if valid is not None and tuple(valid.shape) != (t, t):
             raise InvalidRegionError(f"tile #{tile.index}: expected a {t} x {t} valid mask, got {tuple(valid.shape)}")
+        self._seen[tile.index] = True
+        if self._fused:
+            self._add_on_host(tile, logits, valid)
+            return
         # The part of the image this tile can contribute to (crop: only its owned region, where its window is 1;
         # the smooth windows are > 0 everywhere): there the weight is 0 exactly where the tile is not valid.
         (y0, y1), (x0, x1) = self._row_reach[tile.row], self._col_reach[tile.col]
@@ -309,18 +315,10 @@ class SegmentationStitcher:
             if not v.all():  # read on the host: no wait for the device
                 keep = torch.from_numpy(np.ascontiguousarray(v)).to(self.device, non_blocking=True)
                 ws, drop = ws * keep, ~keep
-        self._seen[tile.index] = True
         rc, cc = self._row_cuts, self._col_cuts
-        last: tuple[np.ndarray, np.ndarray] | None = None  # the tile's logits and weights on the host, for fusing
         for i, j in self._cells_of(tile):
             a, b, p, q = rc[i] - y0, rc[i + 1] - y0, cc[j] - x0, cc[j + 1] - x0
             cell = self._cells.get((i, j))
-            if self._fused and self._left[i, j] == 1:
-                if last is None:
-                    last = self._host_tile(tile, logits, valid)
-                self._left[i, j] = 0
-                self._emit_fused(i, j, cell, last, (rc[i] - tile.y, cc[j] - tile.x))
-                continue
             # The first contribution is the sum so far (0 + x is x, but for -0: +0, which no output tells apart).
             acc, wsum = cell if cell is not None else self._new_cell(i, j)
             contrib = acc if cell is None else self._scratch(c, b - a, q - p)
@@ -332,6 +330,29 @@ class SegmentationStitcher:
             else:
                 acc.add_(contrib)
                 wsum.add_(ws[a:b, p:q])
+            self._contributed(i, j)
+
+    def _add_on_host(
+        self, tile: Tile, logits: torch.Tensor | np.ndarray, valid: np.ndarray | torch.Tensor | None
+    ) -> None:
+        """The CPU stitcher's ``add`` with a reduction: the tile's contributions to its cells in numba's passes
+        (:mod:`densevision.stitch.fused`) over its host arrays, the cells it completes reduced in the same pass, each
+        large cell's rows shared between threads (:func:`by_rows`)."""
+        from densevision.stitch.fused import add_contribution  # numba (61 MiB) only where a CPU stitcher reduces
+
+        host = self._host_tile(tile, logits, valid)
+        rc, cc = self._row_cuts, self._col_cuts
+        for i, j in self._cells_of(tile):
+            at = (rc[i] - tile.y, cc[j] - tile.x)
+            cell = self._cells.get((i, j))
+            if self._left[i, j] == 1:
+                self._left[i, j] = 0
+                self._emit_fused(i, j, cell, host, at)
+                continue
+            acc, wsum = cell if cell is not None else self._new_cell(i, j)
+            h, w = wsum.shape
+            blend = functools.partial(add_contribution, acc.numpy(), wsum.numpy(), *host, at, cell is None)
+            by_rows(blend, h, self.num_classes * w)
             self._contributed(i, j)
 
     def _host_tile(
@@ -465,10 +486,14 @@ class SegmentationStitcher:
         logits, weights = last if last is not None else (None, None)
         from densevision.stitch.fused import fused_class_map  # numba (61 MiB) only where a CPU stitcher reduces
 
-        finite = fused_class_map(
-            classes.numpy(), acc=acc, wsum=wsum, logits=logits, weights=weights, at=at, nodata=r.nodata,
-            values=None if values is None else values.numpy(),
-        )  # fmt: skip
+        out, kept = classes.numpy(), None if values is None else values.numpy()
+        finite = all(by_rows(
+            lambda r0, r1: fused_class_map(
+                out, acc=acc, wsum=wsum, logits=logits, weights=weights, at=at, nodata=r.nodata, values=kept,
+                rows=(r0, r1),
+            ),
+            h, self.num_classes * w,
+        ))  # fmt: skip
         if cell is not None:
             self._free.give(cell[0])
             self._free_sums.give(cell[1])
