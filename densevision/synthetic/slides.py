@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import imagecodecs
 import numpy as np
@@ -26,7 +26,8 @@ import tifffile
 
 from densevision.errors import ConfigError, OutputError, UnsupportedFormatError
 from densevision.io.atomic import check_output_path, remove_quietly, replacing, sibling
-from densevision.io.writers.pyramid import PyramidLevel, halve, pyramid_dimensions
+from densevision.io.writers.levels import Pyramid
+from densevision.io.writers.pyramid import TileSpool, halve, pyramid_dimensions
 from densevision.samples import SLIDE, sample_path
 from densevision.synthetic.mosaic import IN_MEMORY_SOURCE_PIXELS, Crops, check_size, random_turn, window_offsets
 from densevision.synthetic.planted import Planted, PlantIndex, PlantSpec, exact_objects
@@ -107,10 +108,11 @@ def make_slide(
     with ``x0, y0, x1, y1`` and optional ``color``, ``shape``, ``label``) are drawn into level 0 (and so appear,
     halved, in every level).
 
-    Memory grows with the width only: one band of ``tile_size`` rows per level and the 2 x 2 downsampling
-    temporaries, under ``3 x tile_size x width x 3`` bytes (measured: +131 MiB from 4096 to 32768 pixels wide), plus
-    the source (at most ``IN_MEMORY_SOURCE_PIXELS x 3`` bytes). Level 0 streams into ``<path>.partial``; lower
-    levels' encoded tiles are spooled to ``<path>.spool.partial`` (about a third of the output) and copied after it.
+    Memory grows with the width only: a row of level-0 tiles and its halving, and on each lower level the tiles
+    started and not yet complete (:class:`~densevision.io.writers.levels.Pyramid`; measured: peak RSS +27 MiB from
+    4096 to 32768 pixels wide, 2048 rows), plus the source (at most ``IN_MEMORY_SOURCE_PIXELS x 3`` bytes). Level 0
+    streams into ``<path>.partial``; lower levels' encoded tiles are spooled to ``<path>.spool.partial`` (about a
+    third of the output) and copied after it.
 
     Returns:
         The planted objects with exact boxes, in the order given (empty without ``plant``).
@@ -142,18 +144,12 @@ def make_slide(
     source_path = Path(source) if source is not None else sample_path(SLIDE)
     src = _SlideSource(source_path, t)
     pieces = _tissue_pieces(width, height, np.random.default_rng([seed, 0]))
-    levels = [PyramidLevel(w, h, 3, t, encode, fill=_WHITE) for w, h in dims[1:]]
     spool_path = sibling(out, ".spool.partial")
 
-    def feed(i: int, rows: np.ndarray, spool: BinaryIO) -> None:
-        for band in levels[i].push(rows, spool):
-            if i + 1 < len(levels):
-                feed(i + 1, halve(band, "mean"), spool)
-
-    def level0(spool: BinaryIO) -> Iterator[bytes]:
-        """Level-0 tiles, one row at a time: the row is encoded and halved into the levels below before its tiles
-        are handed to tifffile (which stops asking after the last tile)."""
-        half = np.full((t // 2, dims[1][0] if levels else 1, 3), _WHITE, dtype=np.uint8)
+    def level0(below: Pyramid | None) -> Iterator[bytes]:
+        """Level-0 tiles, one row at a time: the row is encoded and halved into the levels ``below`` before its
+        tiles are handed to tifffile (which stops asking after the last tile)."""
+        half = np.full((t // 2, dims[1][0] if below is not None else 1, 3), _WHITE, dtype=np.uint8)
         for ty in range(-(-height // t)):
             y, vh = ty * t, min(t, height - ty * t)
             row = []
@@ -168,11 +164,11 @@ def make_slide(
                 index.draw(pixels[:vh, :vw], x, y, ty)
                 pixels[vh:], pixels[:, vw:] = _WHITE, _WHITE
                 row.append(encode(pixels))
-                if levels:
+                if below is not None:
                     small = halve(pixels[:vh, :vw], "mean")
                     half[: small.shape[0], x // 2 : x // 2 + small.shape[1]] = small
-            if levels:
-                feed(0, half[: -(-vh // 2)], spool)
+            if below is not None:
+                below.put(half[: -(-vh // 2)], 0, y // 2)
             yield from row
 
     raw = sum(w * h * 3 for w, h in dims)
@@ -195,17 +191,23 @@ def make_slide(
             open(spool_path, "w+b") as spool,
             tifffile.TiffWriter(partial, bigtiff=raw > _BIGTIFF_ABOVE) as tif,
         ):
+            tiles = TileSpool(spool, dims[1:], t)
+            below = None  # levels 1 and lower, their tiles encoded into the spool as they complete
+            if len(dims) > 1:
+                below = Pyramid(
+                    *dims[1], 3, t, "mean", lambda level, tx, ty, tile: tiles.add(level, tx, ty, encode(tile)), _WHITE
+                )
             tif.write(
-                level0(spool),
+                level0(below),
                 shape=(height, width, 3),
                 subfiletype=0,
                 description=f"densevision synthetic slide: {width}x{height}, seed {seed}, source {source_path.name}",
                 **common,
             )
-            if not all(lv.rows_done == lv.height for lv in levels):
+            if below is not None and not below.complete:
                 raise AssertionError("a pyramid level was left incomplete")
-            for lv in levels:
-                tif.write(lv.tiles(spool), shape=(lv.height, lv.width, 3), subfiletype=1, **common)
+            for i, (w, h) in enumerate(dims[1:]):
+                tif.write(tiles.tiles(i), shape=(h, w, 3), subfiletype=1, **common)
     except OSError as e:
         raise OutputError(f"{out}: writing the synthetic slide failed ({e}); check the path and free disk space") from e
     finally:

@@ -9,8 +9,7 @@ takes successive top-level IFDs as levels.
 from __future__ import annotations
 
 import os
-from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import imagecodecs
@@ -22,68 +21,33 @@ from densevision.io.atomic import AtomicWriter, as_output_error, disk_errors, re
 from densevision.io.writers.geotiff import cast_window
 from densevision.io.writers.levels import Downsampling, Pyramid, halve, pyramid_dimensions
 
-__all__ = ["Downsampling", "PyramidLevel", "PyramidTiffWriter", "halve", "pyramid_dimensions"]
+__all__ = ["Downsampling", "PyramidTiffWriter", "TileSpool", "halve", "pyramid_dimensions"]
 
 # Classic TIFF offsets are 32-bit; switch to BigTIFF well before that (tile tables and IFDs add a little).
 _BIGTIFF_ABOVE = 2**32 - 2**26
 
 
-class PyramidLevel:
-    """One pyramid level fed by whole-width rows top to bottom (for generators that produce rows, e.g.
-    :func:`densevision.synthetic.slides.make_slide`; :class:`PyramidTiffWriter` takes windows, see
-    :class:`~densevision.io.writers.levels.TileLevel`):
-    collects rows into a band of ``tile_size`` rows, encodes full bands into tiles appended
-    to a spool file with ``encode`` (tile array -> compressed bytes), and hands each finished band on (to be
-    halved for the next level). Padding of the bottom / right tiles is ``fill``."""
+class TileSpool:
+    """The encoded tiles of a pyramid's levels (sizes ``dimensions``, tiles of ``tile_size``) appended to ``file``
+    as they come, in any order, and read back level by level in row-major order: a TIFF's tile table."""
 
-    def __init__(
-        self,
-        width: int,
-        height: int,
-        samples: int,
-        tile_size: int,
-        encode: Callable[[np.ndarray], bytes],
-        fill: int = 0,
-    ) -> None:
-        self.width, self.height, self.tile_size, self.encode, self.fill_value = width, height, tile_size, encode, fill
-        self.band = np.full((tile_size, -(-width // tile_size) * tile_size, samples), fill, dtype=np.uint8)
-        self.fill = 0  # rows of self.band in use
-        self.rows_done = 0  # rows already encoded
-        self.offsets = array("Q")
-        self.lengths = array("Q")
+    def __init__(self, file: BinaryIO, dimensions: list[tuple[int, int]], tile_size: int) -> None:
+        self.file = file
+        self._cols = [-(-w // tile_size) for w, _ in dimensions]
+        self._offsets = [np.zeros(-(-w // tile_size) * -(-h // tile_size), dtype=np.uint64) for w, h in dimensions]
+        self._lengths = [np.zeros_like(o) for o in self._offsets]
 
-    def push(self, rows: np.ndarray, spool: BinaryIO) -> Iterator[np.ndarray]:
-        """Add ``rows`` (``h x width x C``); yield each band completed (``tile_size`` rows, fewer at the bottom)."""
-        i = 0
-        while i < len(rows):
-            n = min(len(rows) - i, self.tile_size - self.fill)
-            self.band[self.fill : self.fill + n, : self.width] = rows[i : i + n]
-            self.fill += n
-            i += n
-            if self.fill == self.tile_size or self.rows_done + self.fill == self.height:
-                yield self._flush(spool)
+    def add(self, level: int, tx: int, ty: int, data: bytes | bytearray) -> None:
+        """Tile ``(tx, ty)`` of ``level``, encoded."""
+        i = ty * self._cols[level] + tx
+        self._offsets[level][i], self._lengths[level][i] = self.file.tell(), len(data)
+        self.file.write(data)
 
-    def _flush(self, spool: BinaryIO) -> np.ndarray:
-        t = self.tile_size
-        self.band[self.fill :] = self.fill_value  # padding of the bottom tiles: deterministic bytes
-        for x in range(0, self.band.shape[1], t):
-            data = self.encode(self.band[:, x : x + t])
-            self.offsets.append(spool.tell())
-            self.lengths.append(len(data))
-            spool.write(data)
-        done = self.band[: self.fill, : self.width].copy()
-        self.rows_done += self.fill
-        self.fill = 0
-        return done
-
-    @property
-    def complete(self) -> bool:
-        return self.rows_done == self.height
-
-    def tiles(self, spool: BinaryIO) -> Iterator[bytes]:
-        for offset, length in zip(self.offsets, self.lengths, strict=True):
-            spool.seek(offset)
-            yield spool.read(length)
+    def tiles(self, level: int) -> Iterator[bytes]:
+        """``level``'s encoded tiles in row-major order."""
+        for offset, length in zip(self._offsets[level].tolist(), self._lengths[level].tolist(), strict=True):
+            self.file.seek(offset)
+            yield self.file.read(length)
 
 
 class PyramidTiffWriter(AtomicWriter):
@@ -143,14 +107,12 @@ class PyramidTiffWriter(AtomicWriter):
 
         self.compression_level = compression_level
         self._pyramid = Pyramid(self.width, self.height, samples, tile_size, how, self._spool_tile)
-        # Each level's tile table: where its encoded tiles lie in the spool, row-major.
-        self._offsets = [np.zeros(lv.rows * lv.cols, dtype=np.uint64) for lv in self._pyramid.levels]
-        self._lengths = [np.zeros(lv.rows * lv.cols, dtype=np.uint64) for lv in self._pyramid.levels]
         self._spool_path = sibling(self.path, ".spool.partial")
         try:
-            self._spool: BinaryIO = open(self._spool_path, "w+b")  # noqa: SIM115 (closed by close/abort)
+            spool = open(self._spool_path, "w+b")  # noqa: SIM115 (closed by close/abort)
         except OSError as e:
             raise self._open_error(e) from e
+        self._spool = TileSpool(spool, self.level_dimensions, tile_size)
 
     @property
     def held_tiles(self) -> int:
@@ -160,10 +122,7 @@ class PyramidTiffWriter(AtomicWriter):
     def _spool_tile(self, level: int, tx: int, ty: int, tile: np.ndarray) -> None:
         """A complete tile of ``level``, encoded into the spool (its padding is ``fill``: deterministic bytes)."""
         # libdeflate's zlib stream: a class-map tile at level 6 in 2.2 ms against zlib's 5.1, 2.4 % larger.
-        data = imagecodecs.deflate_encode(tile.tobytes(), level=self.compression_level)
-        i = ty * self._pyramid.levels[level].cols + tx
-        self._offsets[level][i], self._lengths[level][i] = self._spool.tell(), len(data)
-        self._spool.write(data)
+        self._spool.add(level, tx, ty, imagecodecs.deflate_encode(tile.tobytes(), level=self.compression_level))
 
     def write(self, array: np.ndarray, x: int, y: int) -> None:
         """Write ``array`` (``h x w`` or ``h x w x samples``) with its top-left at level-0 pixel ``(x, y)``; the
@@ -187,12 +146,6 @@ class PyramidTiffWriter(AtomicWriter):
             with disk_errors(self._spool_path):
                 self._pyramid.put(a, x, y)
 
-    def _tiles(self, level: int) -> Iterator[bytes]:
-        """``level``'s encoded tiles in row-major order (the order of the TIFF's tile table)."""
-        for offset, length in zip(self._offsets[level].tolist(), self._lengths[level].tolist(), strict=True):
-            self._spool.seek(offset)
-            yield self._spool.read(length)
-
     def _finish(self) -> None:
         level0, total = self._pyramid.levels[0], self.width * self.height
         if not level0.complete:
@@ -201,14 +154,14 @@ class PyramidTiffWriter(AtomicWriter):
                 "Write every pixel of the image"
             )
         assert self._pyramid.complete
-        self._spool.flush()
-        bigtiff = self._spool.tell() > _BIGTIFF_ABOVE
+        self._spool.file.flush()
+        bigtiff = self._spool.file.tell() > _BIGTIFF_ABOVE
         resolution = (1e4 / self.mpp[0], 1e4 / self.mpp[1]) if self.mpp else None
         try:
             with tifffile.TiffWriter(self.partial, bigtiff=bigtiff) as tif:
                 for i, (w, h) in enumerate(self.level_dimensions):
                     tif.write(
-                        self._tiles(i),
+                        self._spool.tiles(i),
                         shape=(h, w, self.samples) if self.samples > 1 else (h, w),
                         dtype=np.uint8,
                         tile=(self.tile_size, self.tile_size),
@@ -226,12 +179,12 @@ class PyramidTiffWriter(AtomicWriter):
             raise as_output_error(e, self.partial) from e
         finally:
             try:
-                self._spool.close()
+                self._spool.file.close()
             finally:
                 remove_quietly(self._spool_path)
 
     def _discard(self) -> None:
         try:
-            self._spool.close()  # may fail to flush on a full disk: the spool goes all the same
+            self._spool.file.close()  # may fail to flush on a full disk: the spool goes all the same
         finally:
             remove_quietly(self._spool_path)
