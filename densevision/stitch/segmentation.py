@@ -190,7 +190,9 @@ class SegmentationStitcher:
     :class:`ReducedCell` (``sink(cell)``); the cell's memory goes back to the stitcher at once. On the CPU the class
     map is then made in one pass with the cell's last contribution (:mod:`densevision.stitch.fused`): the same class
     indices, without writing, dividing and re-reading the ``C x h x w`` sums, and without any sums for a cell with one
-    contributor; with probabilities, the same pass leaves the normalised logits for the softmax.
+    contributor; with probabilities, the same pass leaves the normalised logits for the softmax. The contributions
+    before the last go into the sums in numba too, and a large cell's rows are shared with helper threads
+    (:mod:`densevision.stitch.rows`).
 
     Example::
 
