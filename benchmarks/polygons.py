@@ -10,7 +10,7 @@
    seconds, output bytes.
 2. Time added to segment: ``segment_image`` on a generated N x N GeoTIFF (default 4096; the texture as pixels, a
    per-pixel model that predicts it exactly, so the regions are the texture's) without polygons, with
-   ``polygons=*.gpkg``, and with the second pass over the committed blocks forced (``ASSEMBLY_STRIP`` set below the
+   ``polygons=*.gpkg``, and with the second pass over the committed blocks forced (``assembly_strip`` set below the
    width, as for images wider than 8192), each in a fresh child.
 3. With ``--qgis`` and QGIS importable by ``/usr/bin/python3`` (``apt-get install python3-qgis``): the outputs of
    part 2 (GeoPackage, FlatGeobuf, WGS84 GeoJSON) and a slide's QuPath GeoJSON opened headless
@@ -113,7 +113,7 @@ SEGMENT = textwrap.dedent(
 
     image, out, polygons, strip = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     if strip:
-        seg.ASSEMBLY_STRIP = strip
+        seg.assembly_strip = lambda k, itemsize: strip
     s = segment_image(image, out=out, predictor=Pattern(), polygons=polygons if polygons != "-" else None,
                       tile=512, overlap=64, batch_size=4, workers=1, progress=False, device="cpu")
     print(json.dumps({"wall": s["timings"]["seconds_wall"], "polygons": s["timings"].get("seconds_polygons"),

@@ -374,7 +374,7 @@ def test_polygons_survive_an_interrupted_run_and_resume_to_the_same_bytes(scene,
 def test_two_passes_when_probabilities_are_written_in_strips_narrower_than_the_class_map(scene, tmp_path, monkeypatch):
     path, _, _ = scene
     # A class map alone is written row by row over its whole width, the polygons along with it.
-    monkeypatch.setattr("densevision.apis.segment.ASSEMBLY_STRIP", 64)
+    monkeypatch.setattr("densevision.apis.segment.assembly_strip", lambda k, itemsize: 64)
     alone = segment_image(path, out=tmp_path / "c.tif", predictor=PatternPredictor(), polygons=tmp_path / "c.gpkg",
                           **RUN)  # fmt: skip
     assert alone["timings"]["seconds_polygons_reading"] == 0
@@ -382,7 +382,7 @@ def test_two_passes_when_probabilities_are_written_in_strips_narrower_than_the_c
     run = RUN | {"probability_output": True}
     one = segment_image(path, out=tmp_path / "a.tif", predictor=PatternPredictor(), polygons=tmp_path / "a.gpkg",
                         **run)  # fmt: skip
-    monkeypatch.setattr("densevision.apis.segment.ASSEMBLY_STRIP", 64)
+    monkeypatch.setattr("densevision.apis.segment.assembly_strip", lambda k, itemsize: 64)
     two = segment_image(path, out=tmp_path / "b.tif", predictor=PatternPredictor(), polygons=tmp_path / "b.gpkg",
                         **run)  # fmt: skip
     assert two["timings"]["seconds_polygons_reading"] > 0 and one["timings"]["seconds_polygons_reading"] == 0

@@ -280,3 +280,15 @@ def test_compiled_model_gives_the_eager_results(geotiff, tmp_path):
         assert np.abs(a.read() - b.read()).max() <= 1e-5
     with rasterio.open(tmp_path / "eager.tif") as a, rasterio.open(tmp_path / "compiled.tif") as b:
         assert (a.read() == b.read()).mean() >= 0.9999
+
+
+def test_probabilities_are_written_in_strips_as_wide_as_the_assembly_budget_allows():
+    from densevision.apis.segment import ASSEMBLY_BYTES, ASSEMBLY_MIN_TILES, OUTPUT_TILE, assembly_strip
+
+    for k, itemsize in [(1, 1), (2, 4), (5, 4), (5, 1), (19, 4), (150, 4), (150, 1)]:
+        strip = assembly_strip(k, itemsize)
+        row = OUTPUT_TILE * k * itemsize  # bytes of a row of output tiles per pixel of width
+        assert strip % OUTPUT_TILE == 0 and strip >= ASSEMBLY_MIN_TILES * OUTPUT_TILE
+        assert strip == ASSEMBLY_MIN_TILES * OUTPUT_TILE or strip * row <= ASSEMBLY_BYTES < (strip + OUTPUT_TILE) * row
+    # 16384 wide with 5 float32 classes: one strip, so the probabilities follow the committed rows.
+    assert assembly_strip(5, 4) >= 16384 and assembly_strip(150, 4) == 8192

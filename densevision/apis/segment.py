@@ -62,12 +62,23 @@ from densevision.tiling.grid import axis_bounds
 NODATA = 255
 # Classes the preview leaves unpainted, so that the input shows through where nothing was found.
 UNPAINTED = frozenset({"background", "_background_", "unlabeled", "unlabelled"})
-# With probabilities, blocks go to the writers in column strips of this many pixels, top to bottom within each strip:
-# the writers' partial tiles (K float32 bands) then span a strip, not the image's width. A multiple of every tile size
-# they use (512: 2**4 of them). A class map alone goes row by row over the whole width (its partial tiles: about
-# 2 * 512 bytes per column, 64 MB at 65536 wide), so it is written as the rows are committed.
-ASSEMBLY_STRIP = 8192
 OUTPUT_TILE = 512  # the writers' tiles (GeoTiffWriter's and PyramidTiffWriter's default)
+# With probabilities, blocks go to the writers in column strips, top to bottom within each strip: the partial output
+# tiles (a row of them, K bands) then span a strip, not the image's width. A strip is as many whole output tiles as
+# this many bytes of them allow, and at least 16 (see assembly_strip). Only the first strip is written as the rows
+# are committed; the others after the last row (16384^2 x 5 float32 in two strips: 6.1 s after the loop, in one:
+# 0.7 s). A class map alone goes row by row over the whole width (its partial tiles: about 2 * 512 bytes per column,
+# 64 MB at 65536 wide), so it is written as the rows are committed.
+ASSEMBLY_BYTES = 256 << 20
+ASSEMBLY_MIN_TILES = 16  # 8192 pixels: the strips' width before the budget (150 float32 classes: 2.5 GB of tiles)
+
+
+def assembly_strip(k: int, itemsize: int) -> int:
+    """The width of the column strips in which probabilities of ``k`` classes, ``itemsize`` bytes each, are
+    written: whole output tiles, as many as :data:`ASSEMBLY_BYTES` of a row of them hold, at least
+    :data:`ASSEMBLY_MIN_TILES` (5 float32 classes: 26112 pixels; 5 uint8: 104448; 150 float32: 8192)."""
+    tiles = ASSEMBLY_BYTES // (OUTPUT_TILE * OUTPUT_TILE * k * itemsize)
+    return max(ASSEMBLY_MIN_TILES, tiles) * OUTPUT_TILE
 
 
 class _Outputs:
@@ -365,8 +376,8 @@ class SegmentationTask(Task):
 
     def finish(self, job: Job, work: WorkFolder) -> dict[str, Any]:
         """Stream the committed blocks into the final files (renamed into place only when complete), column strip by
-        column strip with probabilities (see ASSEMBLY_STRIP); blocks across a strip's edge are read once per strip and
-        cut there."""
+        column strip with probabilities (see :func:`assembly_strip`); blocks across a strip's edge are read once per
+        strip and cut there."""
         assert isinstance(work, BlockFolder)
         src, d, grid = job.src, job.geometry.downsample, job.grid
         predictor = self.predictor(job.model, job.device)
@@ -402,7 +413,8 @@ class SegmentationTask(Task):
             polygons = _Polygons(self.settings, self.polygons_path, src, d, width, height, names, predictor.palette)
         # The polygons need the blocks row-major: along with the class map when it is one strip wide, else in a
         # second pass over the committed blocks (reading and inflating them again).
-        strip = ASSEMBLY_STRIP if probs is not None else width
+        itemsize = np.dtype(self.settings.probability_dtype).itemsize
+        strip = assembly_strip(k, itemsize) if probs is not None else width
         one_pass = width <= strip
         with contextlib.ExitStack() as writers:  # each writer renamed into place on success, dropped on error
             writers.enter_context(classes)
