@@ -34,7 +34,8 @@ class TileSpool:
     def __init__(self, file: BinaryIO, dimensions: list[tuple[int, int]], tile_size: int) -> None:
         self.file = file
         self._cols = [-(-w // tile_size) for w, _ in dimensions]
-        self._offsets = [np.zeros(-(-w // tile_size) * -(-h // tile_size), dtype=np.uint64) for w, h in dimensions]
+        rows = [-(-h // tile_size) for _, h in dimensions]
+        self._offsets = [np.zeros(c * r, dtype=np.uint64) for c, r in zip(self._cols, rows, strict=True)]
         self._lengths = [np.zeros_like(o) for o in self._offsets]
 
     def add(self, level: int, tx: int, ty: int, data: bytes | bytearray) -> None:
