@@ -12,12 +12,13 @@ script named (its docstring and benchmarks/README.md say what it measures and ho
     gpu       segment_bench.py   with CUDA only: tiles/s and how busy the GPU was (skipped without one)
 
 BENCHMARKS.md gets the headline figures first, then every part's tables, with the machine, the library versions,
-the code revision and this command. It is written beside itself and renamed when the last part is done, so an
+the code revision and this command; the hand-written record below its report (from the RECORD line on) is kept.
+It is written beside itself and renamed when the last part is done, so an
 interrupted run leaves the previous file as it was. Generated inputs and the trained seam model are reused from
 ``--workdir`` (default /tmp/densevision-bench).
 
     make bench                                              # everything; about 1.5 h on 2 CPU cores
-    python benchmarks/run_all.py --parts mmseg sahi         # some parts (BENCHMARKS.md holds only those)
+    python benchmarks/run_all.py --parts mmseg sahi         # some parts (the report holds only those)
     python benchmarks/run_all.py --quick                    # small sizes, a few minutes: checks the driver
 """
 
@@ -40,6 +41,8 @@ from _common import Part
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "BENCHMARKS.md"
+# Below this line the report holds the record written by hand (measurements with their commands): a run keeps it.
+RECORD = "<!-- The driver's report ends here. The record below is kept when it runs again. -->"
 PARTS = ("memory", "overhead", "mmseg", "sahi", "truth", "seams", "gpu")
 TITLES = {
     "memory": "Memory against image size",
@@ -145,6 +148,14 @@ def report(args: argparse.Namespace, done: dict[str, Part], command: str, starte
     return "\n".join(lines) + "\n"
 
 
+def kept_record(out: Path) -> str:
+    """The hand-written record of ``out`` (from the :data:`RECORD` line on), to follow a new report; empty when
+    there is none."""
+    text = out.read_text() if out.is_file() else ""
+    at = text.find(RECORD)
+    return "" if at < 0 else "\n" + text[at:]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = args.out or (args.workdir / "BENCHMARKS-quick.md" if args.quick else OUT)
@@ -168,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         if part is not None:
             done[name] = part
             partial.write_text(report(args, done, command, started, load))  # what is done so far, if it stops
-    partial.write_text(report(args, done, command, started, load))
+    partial.write_text(report(args, done, command, started, load) + kept_record(out))
     partial.replace(out)
     print(f"wrote {out}", flush=True)
     return 0

@@ -19,11 +19,16 @@ def test_run_all_quick_writes_every_part(tmp_path: Path) -> None:
     if importlib.util.find_spec("sahi") is not None:  # the bench extra
         parts += ["sahi", "truth"]
     out = tmp_path / "BENCHMARKS.md"
+    # An earlier report with a hand-written record below it: the report is replaced, the record kept.
+    marker = next(line for line in (REPO / "benchmarks" / "BENCHMARKS.md").read_text().splitlines() if "<!--" in line)
+    record = f"{marker}\n\n## A measurement by hand\n\n    its command\n\nkept: 1.23 s\n"
+    out.write_text(f"# Benchmarks\n\n## Headlines\n\n- an old headline\n\n{record}")
     cmd = [sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--workdir", str(tmp_path / "work")]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     run = subprocess.run([*cmd, "--out", str(out), "--parts", *parts], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     text = out.read_text()
+    assert text.endswith("\n" + record) and text.count(marker) == 1 and "an old headline" not in text
     assert not out.with_name(out.name + ".partial").exists()
     assert "Quick run" in text and "## Headlines" in text
     headlines = text.split("## Headlines", 1)[1].split("\n## ", 1)[0]
