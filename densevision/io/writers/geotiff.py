@@ -350,7 +350,7 @@ class _Overviews:
             return
         lv = self.pyramid.levels[level]
         t = lv.tile_size
-        h, w = min(t, lv.height - ty * t), min(t, lv.width - tx * t)
+        h, w = lv.extent(tx, ty)
         with disk_errors(self.paths[level - 1]):
             self.datasets[level - 1].write(tile[:h, :w, 0], 1, window=Window(tx * t, ty * t, w, h))
 

@@ -6,6 +6,7 @@ format here: :class:`~densevision.io.writers.PyramidTiffWriter` encodes every le
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -70,9 +71,10 @@ class TileLevel:
     def held_tiles(self) -> int:
         return len(self._partial)
 
-    def _area(self, tx: int, ty: int) -> int:
+    def extent(self, tx: int, ty: int) -> tuple[int, int]:
+        """Rows and columns of tile ``(tx, ty)`` inside the level (fewer than ``tile_size`` at its edges)."""
         t = self.tile_size
-        return min(t, self.height - ty * t) * min(t, self.width - tx * t)
+        return min(t, self.height - ty * t), min(t, self.width - tx * t)
 
     def put(self, a: np.ndarray, x: int, y: int) -> Iterator[tuple[int, int, np.ndarray]]:
         """Add ``a`` (``h x w x samples``, inside the level) at ``(x, y)``; yield ``(tx, ty, tile)`` for each tile
@@ -93,7 +95,7 @@ class TileLevel:
                             "complete already; write every pixel exactly once"
                         )
                     tile = np.full((t, t, self.samples), self.fill, dtype=np.uint8)
-                    entry = self._partial[i] = (tile, [self._area(tx, ty)])
+                    entry = self._partial[i] = (tile, [math.prod(self.extent(tx, ty))])
                 tile, left = entry
                 tile[y0 - ty * t : y1 - ty * t, x0 - tx * t : x1 - tx * t] = a[y0 - y : y1 - y, x0 - x : x1 - x]
                 left[0] -= (y1 - y0) * (x1 - x0)
@@ -147,8 +149,5 @@ class Pyramid:
         for tx, ty, tile in lv.put(a, x, y):
             self.sink(level, tx, ty, tile)
             if level + 1 < len(self.levels):
-                edge = tile[
-                    : min(lv.tile_size, lv.height - ty * lv.tile_size),
-                    : min(lv.tile_size, lv.width - tx * lv.tile_size),
-                ]
-                self.put(halve(edge, self.how), tx * half, ty * half, level + 1)
+                h, w = lv.extent(tx, ty)
+                self.put(halve(tile[:h, :w], self.how), tx * half, ty * half, level + 1)
