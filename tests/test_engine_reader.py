@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import pickle
 import time
 import warnings
@@ -310,6 +311,72 @@ def test_bound_heap_growth_returns_freed_tile_arrays_which_glibc_keeps_by_defaul
     assert row > 20 << 20  # each row allocates and frees over 20 MB
     assert bounded["growth"] < row / 4, (bounded, default)
     assert default["growth"] > row / 2, (bounded, default)
+
+
+# A model's calls as the loop sees them: each takes and frees the same temporaries, one of 48 MB (above glibc's
+# largest mmap threshold, 32 MB) and eight of 4 MB, then the loop looks at the heap (HeapWatch.check) or, as before,
+# gives freed pages back every time ("every": release_freed_memory). Prints the page faults of the calls after the
+# first ("watch", "every"); or ("pinned") the growth of resident memory after freeing arrays pinned by small records,
+# less and then more than the watch's RELEASE_GROWTH.
+_MODEL_CALLS = """
+import json, resource, sys
+import numpy as np
+import torch
+from densevision.engine.heap import RELEASE_GROWTH, HeapWatch, bound_heap_growth, release_freed_memory, resident_bytes
+
+assert bound_heap_growth()
+watch = HeapWatch()
+check = release_freed_memory if sys.argv[1] == "every" else watch.check
+def call():
+    big = torch.ones(48 << 20, dtype=torch.uint8)  # torch's arrays: numpy asks for huge pages from 4 MB on
+    small = [torch.ones(4 << 20, dtype=torch.uint8) for _ in range(8)]
+    del big, small
+    check()
+def pinned(mb):  # 1 MB arrays between small records that stay: freed, their pages stay resident until released
+    arrays = []
+    for _ in range(mb):
+        arrays.append(np.ones(1 << 20, np.uint8))
+        kept.append(np.ones(512, np.uint8))
+    del arrays
+    check()
+    return resident_bytes() - base
+if sys.argv[1] == "pinned":
+    kept, base = [], resident_bytes()
+    below = pinned(RELEASE_GROWTH // 2 >> 20)  # under the watch's growth: kept for what comes next
+    above = pinned(2 * RELEASE_GROWTH >> 20)  # over it: given back
+    print(json.dumps({"below": below, "above": above, "limit": RELEASE_GROWTH}))
+else:
+    call()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        call()
+    print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}))
+"""
+
+
+def test_the_heap_watch_keeps_a_models_temporaries_and_still_gives_back_what_rows_pin():
+    """densevision.engine.heap: a model's reused temporaries (48 MB included) are not faulted in again call after
+    call under the watch, where a release after every call faults them in each time (the negative control); rows of
+    freed tile arrays pinned by small records still leave the process once they amount to RELEASE_GROWTH."""
+    import json
+    import platform
+    import subprocess
+    import sys
+
+    if not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"):
+        pytest.skip("bound_heap_growth acts on glibc only")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _MODEL_CALLS, m], env=env, stdout=subprocess.PIPE, text=True)
+        for m in ("watch", "every", "pinned")
+    ]
+    watched, every, pinned = (json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs)
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert every["faults"] > 10 * (48 << 20) // page // 2, every  # the control: faulted in again each call
+    assert watched["faults"] < every["faults"] / 4, (watched, every)  # 2.1k a call; 2.6k with no release at all
+    limit = pinned["limit"]
+    assert pinned["below"] > limit / 4, pinned  # half the limit freed, most of it still resident
+    assert pinned["above"] < limit / 4, pinned  # twice the limit freed: given back
 
 
 def test_uint8_tiles_give_the_mmseg_predictor_the_same_logits_to_the_bit():

@@ -4,9 +4,13 @@ A run allocates and frees arrays of a few hundred KB to a few MB per tile (reads
 temporaries) from several threads. Left alone, glibc keeps freed memory resident where small blocks pin it
 (measured on a 16384^2 slide: resident memory crept up by ~250 MB over the run, on a 65536^2 slide by ~900 MB). An
 earlier fix sent every block above 256 KB to its own mapping, returned when freed: bounded, but each new array then
-costs its page faults (the ColourDetector's 512^2 float32 temporaries: 28 ms per tile against 14 ms). Now arrays up
-to MMAP_THRESHOLD come from the heap, freed memory at its top stays for the next one (TRIM_THRESHOLD), and
-:func:`release_freed_memory`, called every second or so by the loop, gives the freed pages back wherever they lie.
+costs its page faults (the ColourDetector's 512^2 float32 temporaries: 28 ms per tile against 14 ms). Now every
+array comes from the heap, whatever its size (a model's temporaries above 32 MB, glibc's largest mmap threshold,
+were mapped and faulted afresh on every call: 23k faults a batch of 4 with the shrunk UperNet-Swin of the mmseg
+benchmark, 4 % of its time), freed memory at the top stays for the next one (TRIM_THRESHOLD), and
+:func:`release_freed_memory` gives the freed pages back wherever they lie: the loop calls it (:class:`HeapWatch`)
+when resident memory has grown by RELEASE_GROWTH since its last call, not on a clock (every second, the pages the
+model takes again on its next call cost 8 to 13 % of that model's time).
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 from typing import Any
 
 # glibc <malloc.h>
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's own ceiling for its dynamic threshold
+MMAP_MAX = 0  # no mappings of their own (where the heap cannot grow, glibc still maps more heap)
 TRIM_THRESHOLD = 256 * 1024 * 1024
 ARENA_MAX = 2
+RELEASE_GROWTH = 64 * 1024 * 1024
 
 
 @functools.cache
@@ -47,7 +53,7 @@ def bound_heap_growth() -> bool:
     return all(
         libc.mallopt(option, value)
         for option, value in (
-            (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_ARENA_MAX, ARENA_MAX)
+            (_M_MMAP_MAX, MMAP_MAX), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_ARENA_MAX, ARENA_MAX)
         )
     )  # fmt: skip
 
@@ -58,3 +64,29 @@ def release_freed_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux), else None."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class HeapWatch:
+    """Releases freed heap pages (:func:`release_freed_memory`) when :meth:`check` finds resident memory
+    RELEASE_GROWTH above what it was at the last release (at first: when the watch began). Memory that a run takes
+    again and again (a model's temporaries) is then not given back and faulted in anew each time, while memory that
+    freed blocks pin is given back before it amounts to more than RELEASE_GROWTH. Where resident memory cannot be
+    read, every check releases."""
+
+    def __init__(self) -> None:
+        self._level = resident_bytes()
+
+    def check(self) -> None:
+        now = resident_bytes()
+        if now is None or self._level is None or now > self._level + RELEASE_GROWTH:
+            release_freed_memory()
+            self._level = now

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from densevision.engine.heap import bound_heap_growth, release_freed_memory
+from densevision.engine.heap import HeapWatch, bound_heap_growth
 from densevision.engine.reader import TileDataset, tile_loader
 from densevision.tiling.grid import Tile
 
@@ -48,7 +48,7 @@ def batch_aligned(order: Sequence[Tile], rows: tuple[int, int], batch_size: int)
     return list(order[lo - lo % batch_size : min(len(order), -(-hi // batch_size) * batch_size)])
 
 
-RELEASE_SECONDS = 1.0  # how often the loop gives freed heap pages back to the system
+RELEASE_SECONDS = 1.0  # how often the loop looks whether to give freed heap pages back (see HeapWatch)
 
 
 @dataclass
@@ -139,7 +139,8 @@ class TileRunner:
         )
         bar = tqdm(total=len(dataset), unit="tile", disable=not self.progress, dynamic_ncols=True, leave=None)
         try:
-            waited = released = time.perf_counter()
+            heap, waited = HeapWatch(), time.perf_counter()
+            released = waited
             for tiles in loader:
                 t0 = time.perf_counter()
                 stats.seconds_waiting_for_tiles += t0 - waited
@@ -172,7 +173,7 @@ class TileRunner:
                 stats.batches += 1
                 bar.update(len(tiles))
                 if waited > released + RELEASE_SECONDS:  # see densevision.engine.heap
-                    release_freed_memory()
+                    heap.check()
                     released = waited
         finally:
             bar.close()
