@@ -71,6 +71,10 @@ OUTPUT_TILE = 512  # the writers' tiles (GeoTiffWriter's and PyramidTiffWriter's
 # 64 MB at 65536 wide), so it is written as the rows are committed.
 ASSEMBLY_BYTES = 256 << 20
 ASSEMBLY_MIN_TILES = 16  # 8192 pixels: the strips' width before the budget (150 float32 classes: 2.5 GB of tiles)
+# Reduced cells queued for the background thread (regrouping into blocks, deflate, the work folder): it lags behind the
+# model by a few cells at times (5 float32 classes: 4 MB a cell; a queue of one tile's pixels stopped the model for
+# 0.46 s of a 38 s run). A cell larger than this (150 float32 classes: 120 MB) waits for an empty queue.
+QUEUED_BYTES = 64 << 20
 
 
 def assembly_strip(k: int, itemsize: int) -> int:
@@ -317,8 +321,8 @@ class SegmentationTask(Task):
             axis_bounds(grid.ys, grid.tile, grid.height) if blend == "crop" else [(y, y + grid.tile) for y in grid.ys]
         )
         r0 = min(r for r, (_, y1) in enumerate(reach) if y1 > edges[first])
-        # Reduced cells wait for the background thread: a tile's pixels at most.
-        background = BackgroundCalls(depth=grid.tile**2)
+        background = BackgroundCalls(depth=QUEUED_BYTES)
+        cell_bytes = 1 + (predictor.num_classes * probs_dtype.itemsize if with_probs else 0)  # per pixel
         assembler = BlockAssembler(edges, work.col_edges, work.put, block_rows=(first, end))
 
         def block(cell: ReducedCell) -> None:
@@ -331,7 +335,7 @@ class SegmentationTask(Task):
             model's calls, not beside a model whose threads take every core), its copy to the host started."""
             h, w = cell.shape
             if cell.y0 < edges[end] and cell.y0 + h > edges[first]:  # a block row this call commits
-                background.submit(block, cell, weight=h * w)
+                background.submit(block, cell, weight=h * w * cell_bytes)
 
         # The accumulators live where the logits are computed: only reduced cells come back to the host.
         reduction = Reduction(probs=with_probs, nodata=NODATA, probs_dtype=probs_dtype)
