@@ -759,7 +759,8 @@ def test_cells_reduced_by_the_stitcher_give_the_reference_class_maps_and_probabi
     # With a Reduction the CPU makes each class map in one pass with the cell's last contribution (fused.py), which
     # leaves the normalised logits for the probabilities. Against the numpy stitcher's cells, argmax and softmax: ties
     # everywhere (logits quantised to halves), NaN under padding, a hole of nodata, the last contributor of some cells
-    # skipped. Class maps to the bit; probabilities to an ulp of exp. Split: each cell's rows shared between threads.
+    # skipped. Class maps to the bit; probabilities to an ulp of numpy's exp, and to the bit against torch's softmax
+    # of the reference's sums. Split: each cell's rows shared between threads.
     if split:
         _split_every_cell(monkeypatch)
     grid = TileGrid(203, 157, 64, 24)
@@ -801,6 +802,8 @@ def test_cells_reduced_by_the_stitcher_give_the_reference_class_maps_and_probabi
             else:
                 np.testing.assert_array_equal(np.isnan(p), np.isnan(expected))
                 worst = max(worst, float(np.nanmax(np.abs(p - expected), initial=0.0)))
+                # torch's softmax of the same sums (the device stitcher's): the same bits, NaN in the same places
+                np.testing.assert_array_equal(p, probabilities(torch.from_numpy(lg.copy()), torch.from_numpy(v)))
     print(f"largest probability difference, {blend}, K = {c}: {worst:.3g}")
     assert worst <= 1e-6, worst
 

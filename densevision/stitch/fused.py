@@ -16,7 +16,9 @@ contributor (most of the image under a smooth blend with a small overlap, all of
 accumulator at all: ``v_k = (logits_k * w) / w``. Where the total weight is 0 the class is ``nodata``; a product
 under weight 0 is +0 (NaN or garbage under padding must not leak). One flag rides along: whether every ``v_k`` is
 finite, the reference's check that logits were finite where a tile had weight. For probabilities the pass also
-writes the ``v_k`` out (the softmax stays torch's: libm's scalar ``exp`` per pixel was slower).
+writes the ``v_k`` out, less their maximum (exact in float32, as the reference's subtraction), band by band while they
+are in the cache; the ``exp`` stays torch's (the reference's bits; libm's scalar ``exp`` per pixel was slower) and
+:func:`normalise` sums and divides in the reference's order.
 
 Layout: pixels are visited in bands of rows, classes in order within each band, so each class plane is read in
 contiguous runs and the running maximum stays in the L1 cache (a band of ``8 x w`` floats and indices); the inner
@@ -149,7 +151,33 @@ def _fused_class_map(
         for i in range(rows):
             for x in range(w):
                 out[band + i, x] = index[i, x] if total[i, x] > 0 else nodata
+        if has_values and not sigmoid:  # the softmax's first step, on the band while it is in the cache
+            for k in range(c):
+                for i in range(rows):
+                    r, bi = band + i, best[i]
+                    for x in range(w):
+                        values[k, r, x] -= bi[x]
     return (bad == 0).all()  # NaN != 0
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def _normalise(values: np.ndarray, row0: int, row1: int) -> None:
+    c, w = values.shape[0], values.shape[2]
+    total = np.empty((_BAND, w), np.float32)
+    for band in range(row0, row1, _BAND):
+        rows = min(_BAND, row1 - band)
+        for i in range(rows):
+            total[i] = values[0, band + i]
+        for k in range(1, c):
+            for i in range(rows):
+                ti, vk = total[i], values[k, band + i]
+                for x in range(w):
+                    ti[x] += vk[x]
+        for k in range(c):
+            for i in range(rows):
+                ti, vk = total[i], values[k, band + i]
+                for x in range(w):
+                    vk[x] /= ti[x]
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
@@ -202,6 +230,13 @@ def add_contribution(
     _add_contribution(acc, wsum, logits, weights, at[0], at[1], first, row0, end)
 
 
+def normalise(exps: np.ndarray, row0: int = 0, row1: int | None = None) -> None:
+    """Divide ``C x h x w`` float32 ``exps`` by their sum over classes, in place, rows ``[row0, row1)`` (None: to the
+    last): the softmax's last step, the sum class by class in order as the reference's (see
+    :func:`~densevision.stitch.segmentation.probabilities`), so the same bits."""
+    _normalise(exps, row0, exps.shape[1] if row1 is None else row1)
+
+
 _NONE = np.zeros((1, 1, 1), np.float32)  # stands for an absent accumulator or last contribution
 
 
@@ -226,7 +261,8 @@ def fused_class_map(
             tile is not valid), float32 and C-contiguous; the cell is the ``h x w`` window of the tile at ``at`` =
             (row, column) (None: the last contributor was skipped).
         values: where to keep the blended, normalised logits too (``C x h x w`` float32, C-contiguous, not ``acc``),
-            e.g. for probabilities; None: not kept. 0 where no tile had weight.
+            for probabilities: with C > 1, less each pixel's maximum over classes (the softmax's first step, as the
+            reference's ``x - x.amax(0)``); None: not kept. 0 where no tile had weight.
         rows: only the cell's rows ``[r0, r1)`` of ``out`` (and of ``values``); None: all (a band per thread, see
             :mod:`densevision.stitch.rows`).
     """

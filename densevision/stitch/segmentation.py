@@ -486,7 +486,7 @@ class SegmentationStitcher:
             self._held -= h * w
             acc, wsum = (t.numpy() for t in cell)
         logits, weights = last if last is not None else (None, None)
-        from densevision.stitch.fused import fused_class_map  # numba (61 MiB) only where a CPU stitcher reduces
+        from densevision.stitch.fused import fused_class_map, normalise  # numba only where a CPU stitcher reduces
 
         out, kept = classes.numpy(), None if values is None else values.numpy()
         finite = all(by_rows(
@@ -501,7 +501,11 @@ class SegmentationStitcher:
             self._free_sums.give(cell[1])
         probs = None
         if values is not None:  # nodata: no tile had weight
-            probs = stored_probabilities(values, classes != r.nodata, r.probs_dtype, in_place=True)
+            done = self.num_classes > 1  # the pass left the values less their maximum: the softmax ends here
+            if done:  # torch's exp (the reference's bits), then the sum and the division in the reference's order
+                values.exp_()
+                by_rows(functools.partial(normalise, values.numpy()), h, self.num_classes * w)
+            probs = stored_probabilities(values, classes != r.nodata, r.probs_dtype, in_place=True, normalised=done)
             if not probs.is_set_to(values):  # float32: the probabilities are `values`, handed on with the cell
                 self._free.give(values)
         self._sent(i)
@@ -585,6 +589,10 @@ def probabilities(logits: torch.Tensor, valid: torch.Tensor, *, in_place: bool =
         for k in range(1, p.shape[0]):
             total += p[k]
         p /= total
+    return _nan_where_invalid(p, valid)
+
+
+def _nan_where_invalid(p: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     if p.device.type == "cpu" and bool(valid.all()):  # nothing to fill (on CUDA the test would wait for the device)
         return p
     return p.masked_fill_(~valid, float("nan"))
@@ -600,11 +608,12 @@ UINT8_PROBABILITY_NODATA = 255
 
 
 def stored_probabilities(
-    logits: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype, *, in_place: bool = False
+    logits: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype, *, in_place: bool = False, normalised: bool = False
 ) -> torch.Tensor:
     """``C x h x w`` probabilities (:func:`probabilities`, ``in_place`` as there) of ``C x h x w`` blended logits, in
-    the stored ``dtype`` (see :data:`PROBABILITY_DTYPES`), on their device."""
-    p = probabilities(logits, valid, in_place=in_place)
+    the stored ``dtype`` (see :data:`PROBABILITY_DTYPES`), on their device. ``normalised``: ``logits`` are float32
+    probabilities already (the CPU stitcher's), in whose memory NaN goes where not ``valid``."""
+    p = _nan_where_invalid(logits, valid) if normalised else probabilities(logits, valid, in_place=in_place)
     if dtype == torch.uint8:
         scaled = (p * UINT8_PROBABILITY_SCALE).round_()
         return scaled.masked_fill_(~valid, UINT8_PROBABILITY_NODATA).to(torch.uint8)
