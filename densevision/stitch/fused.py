@@ -262,7 +262,7 @@ def fused_class_map(
             (row, column) (None: the last contributor was skipped).
         values: where to keep the blended, normalised logits too (``C x h x w`` float32, C-contiguous, not ``acc``),
             for probabilities: with C > 1, less each pixel's maximum over classes (the softmax's first step, as the
-            reference's ``x - x.amax(0)``); None: not kept. 0 where no tile had weight.
+            reference's ``x - x.amax(0)``), 0 where no tile had weight; None: not kept.
         rows: only the cell's rows ``[r0, r1)`` of ``out`` (and of ``values``); None: all (a band per thread, see
             :mod:`densevision.stitch.rows`).
     """
