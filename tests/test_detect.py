@@ -266,7 +266,7 @@ def test_two_ranks_give_the_same_file(scene, tmp_path):
             [sys.executable, *launcher, str(script), str(path), str(outs[name])], capture_output=True, text=True,
             timeout=600,
         )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, proc.stderr[-12000:]  # a rank's fatal-error stacks, then torchrun's report
         shares = [int(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("tiles predicted:")]
         assert len(shares) == (2 if launcher else 1) and all(n > 0 for n in shares), proc.stdout
     assert outs["two"].read_bytes() == outs["one"].read_bytes()
