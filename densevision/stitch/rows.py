@@ -2,9 +2,9 @@
 
 With many classes the CPU stitcher is the whole host path: 150 classes are 157 MB of float32 logits per 512² tile,
 read once by one thread, while the reader workers leave most of a second core idle. Its numba passes
-(:mod:`densevision.stitch.fused`: the contributions into a cell's sums, the last one fused with the class map) are
-per pixel and release the GIL, so a cell cut into bands of rows runs on several cores with the same values in every
-bit. The softmax for probabilities stays on the stitcher's thread.
+(:mod:`densevision.stitch.fused`: the contributions into a cell's sums, the last one fused with the class map, the
+softmax's sum and division) are per pixel and release the GIL, so a cell cut into bands of rows runs on several cores
+with the same values in every bit. The softmax's ``exp`` (torch's) stays on the stitcher's thread.
 
 Bands are claimed one at a time from a shared counter by this thread and by the helpers, and a helper that has not
 started when this thread runs out of bands is cancelled: on busy cores (few classes, the readers at full speed) a
